@@ -1,0 +1,62 @@
+"""dspark_jax: DSpark speculative decoding in JAX.
+
+    import dspark_jax as dj
+    target = dj.load_target("path/to/Qwen3-4B")
+    draft = dj.load_draft("path/to/dspark_qwen3_4b_block7")
+    result = dj.generate(target, draft, ["Hello"], max_new_tokens=64)
+"""
+
+from __future__ import annotations
+
+from dspark_jax.config import DraftConfig, Qwen3Config, RopeConfig, SamplingParams
+from dspark_jax.errors import CheckpointError, ConfigError, DSparkError, InputError
+from dspark_jax.generation import GenerationResult, GenerationStats, check_pair, generate, stream
+from dspark_jax.handles import Draft, Target
+from dspark_jax.sharding import make_mesh, shard_params
+
+__version__ = "0.1.0"
+
+
+def load_target(path=None, dtype="bfloat16", mesh=None) -> Target:
+    """Load a target LM from an HF checkpoint directory (or a `dspark-jax convert` output)."""
+    import converters
+
+    if path is None:
+        from dspark_jax import assets
+
+        path = assets.TARGET
+    return converters.load_target(path, dtype=dtype, mesh=mesh)
+
+
+def load_draft(path=None, dtype="bfloat16", mesh=None) -> Draft:
+    """Load a DSpark / DFlash draft in the DeepSpec checkpoint layout."""
+    import converters
+
+    if path is None:
+        from dspark_jax import assets
+
+        path = assets.DSPARK_DRAFT
+    return converters.load_draft(path, dtype=dtype, mesh=mesh)
+
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DSparkError",
+    "Draft",
+    "DraftConfig",
+    "GenerationResult",
+    "GenerationStats",
+    "InputError",
+    "Qwen3Config",
+    "RopeConfig",
+    "SamplingParams",
+    "Target",
+    "check_pair",
+    "generate",
+    "load_draft",
+    "load_target",
+    "make_mesh",
+    "shard_params",
+    "stream",
+]

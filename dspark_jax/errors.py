@@ -1,0 +1,17 @@
+"""The library's error hierarchy: every error a user can cause names the input and what to do."""
+
+
+class DSparkError(Exception):
+    """Base class of every error raised on purpose by dspark_jax."""
+
+
+class ConfigError(DSparkError, ValueError):
+    """A configuration (config.json, YAML preset, argument combination) is invalid or unsupported."""
+
+
+class CheckpointError(DSparkError, ValueError):
+    """A checkpoint file is missing, corrupt, incomplete, or does not match its config."""
+
+
+class InputError(DSparkError, ValueError):
+    """A request (prompt, sampling setting, length) cannot be served as given."""

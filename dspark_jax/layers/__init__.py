@@ -1,0 +1,1 @@
+"""Model-agnostic pure pieces shared by targets and drafts: norms, RoPE, attention, MLPs, MoE, params."""

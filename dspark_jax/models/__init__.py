@@ -1,0 +1,16 @@
+"""Target decoders. They know nothing about drafts: a target exposes `init_cache`, `__call__` (a block at
+per-row offsets, optional hidden-state capture) and `logits`."""
+
+from __future__ import annotations
+
+from dspark_jax.config import Qwen3Config
+from dspark_jax.errors import ConfigError
+
+
+def model_class(config):
+    """The NNX module class for a parsed target config."""
+    if isinstance(config, Qwen3Config):
+        from dspark_jax.models.qwen3 import Qwen3Model
+
+        return Qwen3Model
+    raise ConfigError(f"no target model for config type {type(config).__name__}")

@@ -1,0 +1,75 @@
+"""Logical axis names -> mesh axes. The only module that names mesh axes.
+
+Parameters carry logical axes as NNX metadata (`nnx.Param(value, axes=(...))`); caches name theirs in
+`cache.py`. `shard_tree` places a pytree on a mesh following `RULES`; a dimension that the mesh axis does
+not divide evenly is replicated instead (a 2-KV-head model on a 4-way model axis still runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA = "data"
+MODEL = "model"
+
+# Requests over `data`, tensor parallelism over `model`.
+RULES: Mapping[str, str | None] = {
+    "batch": DATA,
+    "vocab": MODEL,
+    "embed": None,
+    "q_heads": MODEL,
+    "kv_heads": MODEL,
+    "head_dim": None,
+    "mlp": MODEL,
+    "experts": None,
+    "cache_seq": None,
+    "features": None,
+    "rank": None,
+}
+
+
+def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
+    """A `(data, model)` mesh over `devices` (default: all). `data` defaults to what `model` leaves."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data is None:
+        data = len(devices) // model
+    if data * model != len(devices):
+        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
+
+
+def partition_spec(shape: tuple[int, ...], axes: tuple[str | None, ...] | None, mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array with logical `axes`; indivisible or unknown axes are replicated."""
+    if axes is None:
+        return PartitionSpec()
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    spec = []
+    used = set()
+    for dim, name in zip(shape, axes):
+        mesh_axis = RULES.get(name) if name is not None else None
+        if mesh_axis is None or mesh_axis in used or dim % mesh.shape[mesh_axis] != 0:
+            spec.append(None)
+        else:
+            spec.append(mesh_axis)
+            used.add(mesh_axis)
+    return PartitionSpec(*spec)
+
+
+def shard_params(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Place an NNX parameter state on `mesh` according to each Param's `axes` metadata."""
+
+    def one(var):
+        spec = partition_spec(var.value.shape, var.get_metadata().get("axes"), mesh)
+        return var.replace(jax.device_put(var.value, NamedSharding(mesh, spec)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_array(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh) -> jax.Array:
+    return jax.device_put(x, NamedSharding(mesh, partition_spec(x.shape, axes, mesh)))
