@@ -70,7 +70,7 @@ def prefill(model, req: Requests, cache: kv.KVCache, capture: tuple[int, ...] = 
 
 def start(model, req: Requests, capacity: int, out_len: int) -> DecodeState:
     B = req.tokens.shape[0]
-    first, cache, _ = prefill(model, req, model.init_cache(B, capacity))
+    first, cache, _ = prefill(model, req, model.init_cache(B, capacity, max_block=1))
     live = req.max_new > 0
     out = jnp.full((B, out_len), PAD, jnp.int32)
     out = append_tokens(out, jnp.zeros((B,), jnp.int32), first[:, None], live.astype(jnp.int32))

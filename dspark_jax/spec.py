@@ -52,7 +52,7 @@ def start(target, draft, req: Requests, K: int, capacity: int, out_len: int) -> 
     """Prefill the target (capturing features), fill the draft context cache, sample the first anchor."""
     B = req.tokens.shape[0]
     first, target_cache, features = decode.prefill(
-        target, req, target.init_cache(B, capacity), capture=draft.config.hidden_state_indices
+        target, req, target.init_cache(B, capacity, max_block=K + 1), capture=draft.config.hidden_state_indices
     )
     draft_cache = draft.extend_context(features, jnp.zeros((B,), jnp.int32), draft.init_cache(B, capacity))
     live = req.max_new > 0

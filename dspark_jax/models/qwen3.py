@@ -130,7 +130,9 @@ class Qwen3Model(nnx.Module):
         c = self.config
         return [(capacity, c.num_kv_heads, c.head_dim, c.head_dim)] * c.num_layers
 
-    def init_cache(self, batch: int, capacity: int) -> kv.KVCache:
+    def init_cache(self, batch: int, capacity: int, max_block: int = 1) -> kv.KVCache:
+        """Linear caches of `capacity` slots (`max_block` sizes ring buffers in models with sliding layers)."""
+        del max_block
         return kv.allocate(batch, self.cache_shapes(capacity), self.dtype)
 
     def __call__(

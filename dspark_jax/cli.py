@@ -1,0 +1,42 @@
+"""The `dspark-jax` command.
+
+Subcommands live in their own modules, each with `add_arguments(parser)` and `run(args) -> int`; this file
+only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dspark_jax.errors import DSparkError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "generate": ("dspark_jax.commands.generate", "generate text for one prompt (AR or speculative), print text and stats"),
+    "convert": ("dspark_jax.commands.convert", "convert an HF checkpoint directory into an orbax checkpoint"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dspark-jax", description="DSpark speculative decoding in JAX")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except DSparkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

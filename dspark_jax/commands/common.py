@@ -1,0 +1,35 @@
+"""Argument groups and helpers shared by CLI subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, draft: bool = True) -> None:
+    parser.add_argument("--target", default=None, help="target checkpoint directory (default: the built-in trained target)")
+    if draft:
+        parser.add_argument(
+            "--draft", default=None, help="draft checkpoint directory (default: the built-in DSpark draft; 'none' = plain AR)"
+        )
+        parser.add_argument("--draft-length", type=int, default=None, help="draft tokens per round K (default: block size)")
+    parser.add_argument("--dtype", default="bfloat16", help="parameter dtype: bfloat16, float16 or float32")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--confidence-threshold", type=float, default=0.0, help="0 = propose the whole block")
+
+
+def load_models(args):
+    """(target, draft or None) from `--target/--draft/--dtype`, defaulting to the built-in pair."""
+    import dspark_jax as dj
+
+    target = dj.load_target(args.target, dtype=args.dtype)
+    draft_arg = getattr(args, "draft", "none")
+    if draft_arg is not None and str(draft_arg).lower() == "none":
+        return target, None
+    return target, dj.load_draft(draft_arg, dtype=args.dtype)
