@@ -24,12 +24,16 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
 
 
 def _family_module(config):
-    from dspark_jax.config import Qwen3Config
+    from dspark_jax.config import Gemma4Config, Qwen3Config
 
     if isinstance(config, Qwen3Config):
         from converters import qwen3
 
         return qwen3
+    if isinstance(config, Gemma4Config):
+        from converters import gemma4
+
+        return gemma4
     raise ConfigError(f"no converter for {type(config).__name__}")
 
 
@@ -63,8 +67,15 @@ def load_target(path: str | Path, dtype="bfloat16", mesh: Mesh | None = None) ->
         params = _restore_orbax(directory, abstract, mesh)
     else:
         fam = _family_module(config)
+        rename = fam.rename(config) if hasattr(fam, "rename") else (lambda key: key)  # e.g. Gemma's multimodal prefix
         params = loading.convert(
-            abstract, safetensors_io.iter_checkpoint(directory), fam.rules(config), dtype=dt, mesh=mesh, ignore=fam.ignore(config)
+            abstract,
+            safetensors_io.iter_checkpoint(directory),
+            fam.rules(config),
+            dtype=dt,
+            mesh=mesh,
+            ignore=fam.ignore(config),
+            rename=rename,
         )
     return Target(
         config=config,
@@ -105,7 +116,7 @@ def _restore_orbax(directory: Path, abstract: nnx.State, mesh: Mesh | None) -> n
     from dspark_jax.sharding import partition_spec
 
     def spec(var):
-        shape, dtype = var.value.shape, var.value.dtype
+        shape, dtype = var.get_value().shape, var.get_value().dtype
         sharding = (
             NamedSharding(mesh, partition_spec(shape, var.get_metadata().get("axes"), mesh))
             if mesh is not None

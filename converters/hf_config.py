@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dspark_jax.config import DraftConfig, Qwen3Config, RopeConfig
+from dspark_jax.config import FULL, SLIDING, DraftConfig, Gemma4Config, Qwen3Config, RopeConfig
 from dspark_jax.errors import ConfigError
+from dspark_jax.layers.mlp import ACTIVATIONS
 
-TARGET_MODEL_TYPES = ("qwen3", "qwen3_moe")
+TARGET_MODEL_TYPES = ("qwen3", "qwen3_moe", "gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")
+# Gemma 4 model types: multimodal wrappers (text decoder under `text_config`) and their text decoders.
+GEMMA4_MULTIMODAL = {"gemma4": "gemma4_text", "gemma4_unified": "gemma4_unified_text"}
+GEMMA4_TEXT = {"gemma4_text": "gemma4", "gemma4_unified_text": "gemma4_unified"}
 DRAFT_ARCHITECTURES = {"Qwen3DSparkModel": "qwen3", "Gemma4DSparkModel": "gemma4"}
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
@@ -75,7 +79,10 @@ def parse_qwen3(cfg: dict, where: str) -> Qwen3Config:
     heads = int(_require(cfg, "num_attention_heads", where))
     layers = int(_require(cfg, "num_hidden_layers", where))
     moe = model_type == "qwen3_moe"
-    num_experts = int(cfg.get("num_experts", 0) or 0) if moe else 0
+    # hub configs say num_experts; transformers 5 re-serialises it as num_local_experts
+    num_experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0) if moe else 0
+    if moe and num_experts <= 0:
+        raise ConfigError(f"{where}: a qwen3_moe config needs num_experts (or num_local_experts) > 0")
     if moe:
         step = int(cfg.get("decoder_sparse_step", 1) or 1)
         only_dense = set(cfg.get("mlp_only_layers") or [])
@@ -104,12 +111,129 @@ def parse_qwen3(cfg: dict, where: str) -> Qwen3Config:
     )
 
 
+def _gemma4_head_geometry(text: dict, layer_types: list[str], where: str) -> dict[str, tuple[int, int]]:
+    """`{layer type: (head_dim, kv_heads)}` from either dialect.
+
+    Hub: `head_dim`/`num_key_value_heads` for sliding layers, `global_head_dim` (default 512) for full layers,
+    whose KV heads are `num_global_key_value_heads` only with `attention_k_eq_v`. transformers 5: the same
+    full-layer values written as per-layer overrides in `per_layer_config`.
+    """
+    head_dim = int(text.get("head_dim") or 256)
+    kv_heads = int(text.get("num_key_value_heads") or 4)
+    overrides = text.get("per_layer_config")
+    if overrides is None:
+        global_kv = text.get("num_global_key_value_heads") if text.get("attention_k_eq_v", False) else None
+        overrides = {
+            i: {"head_dim": text.get("global_head_dim") or 512, **({"num_key_value_heads": global_kv} if global_kv else {})}
+            for i, kind in enumerate(layer_types)
+            if kind == FULL
+        }
+    per_layer: list[tuple[int, int]] = [(head_dim, kv_heads)] * len(layer_types)
+    for key, override in dict(overrides).items():
+        try:
+            i = int(key)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: per_layer_config key {key!r} is not a layer index") from None
+        if not 0 <= i < len(layer_types) or not isinstance(override, dict):
+            raise ConfigError(f"{where}: per_layer_config entry {key!r} does not name a layer of this model with a dict")
+        unknown = set(override) - {"head_dim", "num_key_value_heads"}
+        if unknown:
+            raise ConfigError(f"{where}: per_layer_config[{key!r}] overrides {sorted(unknown)}; only head_dim and num_key_value_heads are supported")
+        per_layer[i] = (int(override.get("head_dim", head_dim)), int(override.get("num_key_value_heads", kv_heads)))
+    geometry: dict[str, tuple[int, int]] = {SLIDING: (head_dim, kv_heads), FULL: (head_dim, kv_heads)}
+    for kind in (SLIDING, FULL):
+        shapes = {per_layer[i] for i, k in enumerate(layer_types) if k == kind}
+        if len(shapes) > 1:
+            raise ConfigError(f"{where}: {kind} layers have different head geometries {sorted(shapes)}; not supported")
+        if shapes:
+            geometry[kind] = shapes.pop()
+    return geometry
+
+
+def parse_gemma4(cfg: dict, where: str) -> Gemma4Config:
+    """Gemma 4 (`gemma4`, `gemma4_unified` multimodal configs with a `text_config`, or their `*_text` decoders).
+
+    Missing optional fields take transformers' defaults for the model type; `gemma4_unified` has no per-layer
+    inputs and no MoE block.
+    """
+    model_type = cfg.get("model_type")
+    if model_type in GEMMA4_MULTIMODAL:
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{where}: a {model_type!r} config needs its text decoder settings under 'text_config'")
+        flavor = model_type
+        tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+    else:
+        text = cfg
+        flavor = GEMMA4_TEXT[model_type]
+        tie = cfg.get("tie_word_embeddings", True)
+    unified = flavor == "gemma4_unified"
+    if text.get("use_bidirectional_attention") == "all":
+        raise ConfigError(f"{where}: use_bidirectional_attention='all' is an encoder setting; a target must be causal")
+    if text.get("attention_bias"):
+        raise ConfigError(f"{where}: attention_bias=true is not supported for Gemma 4 (no released checkpoint uses it)")
+    layers = int(_require(text, "num_hidden_layers", where))
+    layer_types = list(text.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(layers)])
+    if len(layer_types) != layers or not set(layer_types) <= {SLIDING, FULL}:
+        raise ConfigError(f"{where}: layer_types must list {layers} entries of {SLIDING!r} / {FULL!r}")
+    layer_types[-1] = FULL  # transformers forces the last layer to full attention
+    rp = text.get("rope_parameters") or {
+        SLIDING: {"rope_type": "default", "rope_theta": 10_000.0},
+        FULL: {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+    }
+    max_pos = int(text.get("max_position_embeddings") or (262_144 if unified else 131_072))
+    ropes = {}
+    for kind in set(layer_types):
+        if not isinstance(rp.get(kind), dict):
+            raise ConfigError(f"{where}: rope_parameters needs an entry for {kind!r}")
+        ropes[kind] = parse_rope(rp[kind], max_position_embeddings=max_pos)
+    geometry = _gemma4_head_geometry(text, layer_types, where)
+    activation = str(text.get("hidden_activation") or "gelu_pytorch_tanh")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"{where}: hidden_activation {activation!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    moe = bool(text.get("enable_moe_block", False)) and not unified
+    ple = 0 if unified else int(text.get("hidden_size_per_layer_input", 256) or 0)
+    cap = text.get("final_logit_softcapping")
+    return Gemma4Config(
+        model_type=flavor,
+        vocab_size=int(_require(text, "vocab_size", where)),
+        hidden_size=int(_require(text, "hidden_size", where)),
+        intermediate_size=int(_require(text, "intermediate_size", where)),
+        num_layers=layers,
+        num_heads=int(_require(text, "num_attention_heads", where)),
+        layer_types=tuple(layer_types),
+        sliding_window=int(text.get("sliding_window") or (1024 if unified else 512)),
+        head_dim=geometry[SLIDING][0],
+        num_kv_heads=geometry[SLIDING][1],
+        global_head_dim=geometry[FULL][0],
+        num_global_kv_heads=geometry[FULL][1],
+        rope_sliding=ropes.get(SLIDING, RopeConfig(theta=10_000.0)),
+        rope_full=ropes[FULL],
+        attention_k_eq_v=bool(text.get("attention_k_eq_v", False)),
+        final_logit_softcapping=float(cap) if cap else None,
+        rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
+        activation=activation,
+        tie_word_embeddings=bool(tie),
+        max_position_embeddings=max_pos,
+        hidden_size_per_layer_input=ple,
+        vocab_size_per_layer_input=int(text.get("vocab_size_per_layer_input") or 262_144) if ple else 0,
+        num_kv_shared_layers=int(text.get("num_kv_shared_layers", 0) or 0),
+        use_double_wide_mlp=bool(text.get("use_double_wide_mlp", False)),
+        enable_moe_block=moe,
+        num_experts=int(text.get("num_experts") or 0) if moe else 0,
+        top_k_experts=int(text.get("top_k_experts") or 0) if moe else 0,
+        moe_intermediate_size=int(text.get("moe_intermediate_size") or 0) if moe else 0,
+    )
+
+
 def parse_target_config(path: Path):
     """Parse a target `config.json` into the family's config dataclass."""
     cfg = read_json(path)
     model_type = cfg.get("model_type")
     if model_type in ("qwen3", "qwen3_moe"):
         return parse_qwen3(cfg, str(path))
+    if model_type in GEMMA4_MULTIMODAL or model_type in GEMMA4_TEXT:
+        return parse_gemma4(cfg, str(path))
     raise ConfigError(
         f"{path}: model_type {model_type!r} is not supported as a target; supported: {', '.join(TARGET_MODEL_TYPES)}"
     )

@@ -138,7 +138,7 @@ def convert(
                 raise CheckpointError(
                     f"unexpected tensor {raw_key!r} in {file}: parameter {_format_path(path)} does not exist in this model"
                 )
-            full_shape = tuple(flat[path].value.shape)
+            full_shape = tuple(flat[path].get_value().shape)
             dst_shape = full_shape[1:] if stack is not None else full_shape
             expected_src, transform = KINDS[kind]
             if tuple(array.shape) != tuple(expected_src(dst_shape)):

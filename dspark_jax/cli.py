@@ -16,6 +16,7 @@ from dspark_jax.errors import DSparkError
 COMMANDS = {
     "generate": ("dspark_jax.commands.generate", "generate text for one prompt (AR or speculative), print text and stats"),
     "convert": ("dspark_jax.commands.convert", "convert an HF checkpoint directory into an orbax checkpoint"),
+    "batch": ("dspark_jax.commands.batch", "answer a JSONL file of prompts (resumable, one JSON line per prompt)"),
 }
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dspark_jax.errors import InputError
+from dspark_jax.errors import ConfigError, InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,104 @@ class Qwen3Config:
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0 and any(self.moe_layers)
+
+
+SLIDING = "sliding_attention"
+FULL = "full_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma4Config:
+    """Gemma 4 text decoders: `gemma4` (E2B/E4B/26B-A4B/31B) and `gemma4_unified` (12B).
+
+    Two attention geometries: sliding layers (`head_dim`, `num_kv_heads`, window `sliding_window`,
+    `rope_sliding`) and full layers (`global_head_dim`, `num_global_kv_heads`, `rope_full`; with
+    `attention_k_eq_v` they have no value projection). The last `num_kv_shared_layers` layers reuse the
+    K/V of the last earlier layer of their type. `gemma4_unified` has no per-layer inputs and no MoE.
+    """
+
+    family: ClassVar[str] = "gemma4"
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_types: tuple[str, ...]
+    sliding_window: int
+    head_dim: int
+    num_kv_heads: int
+    global_head_dim: int
+    num_global_kv_heads: int
+    rope_sliding: RopeConfig = RopeConfig(theta=10000.0)
+    rope_full: RopeConfig = RopeConfig(theta=1e6, rope_type="proportional", partial_rotary_factor=0.25)
+    attention_k_eq_v: bool = False
+    final_logit_softcapping: float | None = None
+    rms_norm_eps: float = 1e-6
+    activation: str = "gelu_pytorch_tanh"
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 131072
+    # Per-layer inputs (PLE, E2B/E4B): 0 disables them.
+    hidden_size_per_layer_input: int = 0
+    vocab_size_per_layer_input: int = 0
+    # KV sharing across layers (E2B/E4B) and the double-wide MLP of the sharing layers (E2B).
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    # Mixture of experts in parallel with the dense MLP (26B-A4B), in every layer when enabled.
+    enable_moe_block: bool = False
+    num_experts: int = 0
+    top_k_experts: int = 0
+    moe_intermediate_size: int = 0
+
+    def __post_init__(self):
+        if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= {SLIDING, FULL}:
+            raise ConfigError(
+                f"Gemma 4 layer_types must list {self.num_layers} entries of {SLIDING!r} / {FULL!r}, got {self.layer_types}"
+            )
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        if not 0 <= self.num_kv_shared_layers < self.num_layers:
+            raise ConfigError(f"num_kv_shared_layers={self.num_kv_shared_layers} must be in [0, num_hidden_layers)")
+        if not set(self.layer_types[first_shared:]) <= set(self.layer_types[:first_shared]):
+            raise ConfigError(
+                "num_kv_shared_layers: every attention type of the KV-sharing layers needs an earlier layer of that "
+                f"type to share from (layer_types={list(self.layer_types)})"
+            )
+        if self.enable_moe_block and not (0 < self.top_k_experts <= self.num_experts and self.moe_intermediate_size > 0):
+            raise ConfigError(
+                f"enable_moe_block needs num_experts >= top_k_experts > 0 and moe_intermediate_size > 0, got "
+                f"{self.num_experts}, {self.top_k_experts}, {self.moe_intermediate_size}"
+            )
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.layer_types[layer] == SLIDING
+
+    def layer_head_dim(self, layer: int) -> int:
+        return self.head_dim if self.is_sliding(layer) else self.global_head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        return self.num_kv_heads if self.is_sliding(layer) else self.num_global_kv_heads
+
+    def layer_k_eq_v(self, layer: int) -> bool:
+        return self.attention_k_eq_v and not self.is_sliding(layer)
+
+    def layer_intermediate_size(self, layer: int) -> int:
+        wide = self.use_double_wide_mlp and self.kv_source(layer) != layer
+        return self.intermediate_size * (2 if wide else 1)
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys/values `layer` attends over: itself, or for a KV-sharing layer the last
+        non-sharing layer of the same type (HF `kv_sharing_modes` "store"/"reuse")."""
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        if layer < first_shared:
+            return layer
+        kind = self.layer_types[layer]
+        return max(i for i in range(first_shared) if self.layer_types[i] == kind)
+
+    @property
+    def cache_layers(self) -> tuple[int, ...]:
+        """Layers that own a KV cache (every layer but the KV-sharing ones), in cache order."""
+        return tuple(range(self.num_layers - self.num_kv_shared_layers))
 
 
 @dataclasses.dataclass(frozen=True)

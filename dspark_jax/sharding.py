@@ -65,8 +65,8 @@ def shard_params(state: nnx.State, mesh: Mesh) -> nnx.State:
     """Place an NNX parameter state on `mesh` according to each Param's `axes` metadata."""
 
     def one(var):
-        spec = partition_spec(var.value.shape, var.get_metadata().get("axes"), mesh)
-        return var.replace(jax.device_put(var.value, NamedSharding(mesh, spec)))
+        spec = partition_spec(var.get_value().shape, var.get_metadata().get("axes"), mesh)
+        return var.replace(jax.device_put(var.get_value(), NamedSharding(mesh, spec)))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -3,7 +3,7 @@ per-row offsets, optional hidden-state capture) and `logits`."""
 
 from __future__ import annotations
 
-from dspark_jax.config import Qwen3Config
+from dspark_jax.config import Gemma4Config, Qwen3Config
 from dspark_jax.errors import ConfigError
 
 
@@ -13,4 +13,8 @@ def model_class(config):
         from dspark_jax.models.qwen3 import Qwen3Model
 
         return Qwen3Model
+    if isinstance(config, Gemma4Config):
+        from dspark_jax.models.gemma4 import Gemma4Model
+
+        return Gemma4Model
     raise ConfigError(f"no target model for config type {type(config).__name__}")

@@ -1,0 +1,20 @@
+"""Shared test setup: float32 parity settings and builders of tiny Hugging Face reference models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.get_num_threads()

@@ -1,0 +1,206 @@
+"""`dspark-jax batch`: resumable after SIGKILL, malformed lines reported, answers independent of batch size.
+
+Every job runs the real command in a subprocess on a tiny pair built by `tiny_checkpoint` (a transformers
+Qwen3 target and a DeepSpec-layout draft). The subprocesses share a persistent JAX compilation cache so
+only the first run of each batch shape pays for compilation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tiny_checkpoint import build_pair
+
+PROMPTS = [
+    {"turns": ["Write a python function to add two numbers.", "A second turn that the job ignores."]},
+    {"prompt": "def fibonacci(n):", "id": "fib", "temperature": 0.7, "top_p": 0.9},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A trip to Hawaii?"}], "seed": 7},
+    {"turns": ["The quick brown fox"], "max_new_tokens": 5, "id": 42},
+    {"prompt": "Janet has 16 eggs and sells the rest.", "top_k": 20},
+    {"turns": ["Please reason step by step, and put your final answer within a box."]},
+    {"prompt": "0123456789 + 42 = ?"},
+    {"turns": ["Compose an engaging travel blog post."], "temperature": 1.3},
+    {"prompt": "Write a function that returns the perimeter of a square."},
+    {"turns": ["Find the volume of a triangular prism."], "seed": 123},
+    {"messages": [{"role": "user", "content": "hi"}], "id": "greeting"},
+    {"prompt": "The lazy dog sleeps."},
+]
+COMMON = ["--max-new-tokens", "12", "--temperature", "0.9", "--seed", "5", "--dtype", "float32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return build_pair(tmp_path_factory.mktemp("pair"))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("input") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+def batch_command(pair, input_path, output_path, *extra, draft=True):
+    target, draft_dir = pair
+    return [
+        sys.executable, "-m", "dspark_jax.cli", "batch", "--target", str(target),
+        "--draft", str(draft_dir) if draft else "none", "--input", str(input_path), "--output", str(output_path),
+        *COMMON, *extra,
+    ]
+
+
+def run_batch(cmd, env, expect_rc=0):
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect_rc, f"rc {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def answers_by_id(path: Path) -> dict:
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), "the output must end with a complete line"
+    records = [json.loads(line) for line in data.decode().splitlines()]
+    ids = [json.dumps(r["id"]) for r in records]
+    assert len(ids) == len(set(ids)), f"an id is answered twice: {sorted(ids)}"
+    return {i: r for i, r in zip(ids, records)}
+
+
+@pytest.fixture(scope="module")
+def reference(pair, env, prompts_file, tmp_path_factory):
+    """An uninterrupted run with batch size 3."""
+    out = tmp_path_factory.mktemp("reference") / "answers.jsonl"
+    proc = run_batch(batch_command(pair, prompts_file, out, "--batch-size", "3"), env)
+    assert f"{len(PROMPTS)} answered now" in proc.stdout
+    return out
+
+
+def expected_ids():
+    return {json.dumps(p.get("id", i)) for i, p in enumerate(PROMPTS)}
+
+
+def test_reference_answers_every_prompt_once(reference):
+    answers = answers_by_id(reference)
+    assert set(answers) == expected_ids()
+    for record in answers.values():
+        assert set(record) == {"id", "text", "tokens", "finish_reason", "acceptance_length", "rounds"}
+        assert record["finish_reason"] in ("stop", "length")
+        assert 1 <= len(record["tokens"]) <= (5 if record["id"] == 42 else 12)
+        assert record["rounds"] >= 1 and record["acceptance_length"] >= 1
+    assert len(answers[json.dumps(42)]["tokens"]) <= 5  # per-line max_new_tokens
+
+
+def test_same_answers_whatever_the_batch_size(pair, env, prompts_file, reference, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    run_batch(batch_command(pair, prompts_file, out, "--batch-size", "1"), env)
+    assert answers_by_id(out) == answers_by_id(reference)
+    # Not only the same answers: the same file (lines are written in the same length-sorted order).
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_killed_job_resumes_to_the_uninterrupted_answers(pair, env, prompts_file, reference, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    cmd = batch_command(pair, prompts_file, out, "--batch-size", "1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 2:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed; give it more prompts"
+    written = out.read_bytes()
+    complete = written[: written.rfind(b"\n") + 1]
+    done_before = len(complete.splitlines())
+    assert 2 <= done_before < len(PROMPTS)
+    # What was written before the kill is exactly the start of the uninterrupted answers.
+    assert reference.read_bytes().startswith(complete)
+    # A machine crash can leave half a line; the restart must drop it.
+    with open(out, "ab") as f:
+        f.write(b'{"id": "half a line", "te')
+    proc = run_batch(cmd, env)
+    assert "dropped a partial last line" in proc.stderr
+    assert f"{len(PROMPTS) - done_before} answered now, {done_before} already answered" in proc.stdout
+    assert out.read_bytes() == reference.read_bytes()
+    # A third run has nothing left to do and changes nothing.
+    proc = run_batch(cmd, env)
+    assert f"0 answered now, {len(PROMPTS)} already answered" in proc.stdout
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_resume_with_other_arguments_is_refused(pair, env, prompts_file, reference, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    out.write_bytes(reference.read_bytes())
+    (tmp_path / "answers.jsonl.job.json").write_bytes((reference.parent / "answers.jsonl.job.json").read_bytes())
+    cmd = batch_command(pair, prompts_file, out, "--batch-size", "3")
+    cmd[cmd.index("--temperature") + 1] = "0.5"
+    proc = run_batch(cmd, env, expect_rc=2)
+    assert "different arguments" in proc.stderr and "temperature: 0.9 there, 0.5 now" in proc.stderr
+    assert out.read_bytes() == reference.read_bytes()
+    # A file that no batch job wrote is not appended to either.
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"something": "else"}\n')
+    proc = run_batch(batch_command(pair, prompts_file, foreign), env, expect_rc=2)
+    assert "not written by a dspark-jax batch job" in proc.stderr
+    assert foreign.read_text() == '{"something": "else"}\n'
+
+
+MALFORMED = [
+    '{"prompt": "fine line"}',
+    "this is not json",
+    "",
+    '{"turns": []}',
+    '{"prompt": "bad temperature", "temperature": -1}',
+    '["a", "list"]',
+    '{"prompt": "duplicate id", "id": 0}',
+    '{"messages": [{"role": "user", "content": "fine chat line"}]}',
+    '{"prompt": "an object id", "id": {"a": 1}}',
+]
+
+
+def test_malformed_lines_are_reported_and_skipped(pair, env, tmp_path):
+    inp = tmp_path / "prompts.jsonl"
+    inp.write_text("\n".join(MALFORMED) + "\n")
+    out = tmp_path / "answers.jsonl"
+    proc = run_batch(batch_command(pair, inp, out, "--batch-size", "4", draft=False), env)
+    bad_lines = [2, 4, 5, 6, 7, 9]  # 1-based, as printed
+    for n in bad_lines:
+        assert f"prompts.jsonl:{n}: skipped:" in proc.stderr, proc.stderr
+    assert "prompts.jsonl:3:" not in proc.stderr  # a blank line is not a prompt
+    assert "repeats the id of line 1" in proc.stderr
+    assert f"skipped malformed lines: {len(bad_lines)} (line {', '.join(map(str, bad_lines))})" in proc.stdout
+    assert "tau: n/a" in proc.stdout  # plain AR decoding
+    answers = answers_by_id(out)
+    assert set(answers) == {"0", "7"}  # ids default to 0-based line numbers
+    assert all(r["acceptance_length"] == 1.0 for r in answers.values())
+
+
+def test_strict_fails_on_the_first_malformed_line(pair, env, tmp_path):
+    inp = tmp_path / "prompts.jsonl"
+    inp.write_text("\n".join(MALFORMED) + "\n")
+    out = tmp_path / "answers.jsonl"
+    proc = run_batch(batch_command(pair, inp, out, "--strict"), env, expect_rc=2)
+    assert "prompts.jsonl:2: not valid JSON" in proc.stderr and "--strict" in proc.stderr
+    assert not out.exists()
