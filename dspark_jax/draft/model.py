@@ -179,6 +179,10 @@ class DSparkDraft(nnx.Module):
             mask = kv.cached_mask(positions, lengths, cache.k[i].shape[1])
             with jax.named_scope(f"draft_layer_{i}"):
                 x = layer(x, cos, sin, [(cache.k[i], cache.v[i], mask)], full)
+        return self.final_norm(x)
+
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        """The final RMSNorm of the block stream; its output `[..., D]` feeds every head."""
         return self._norm(x, self.norm[...], self.config.rms_norm_eps)
 
     def base_logits(self, hidden: jax.Array) -> jax.Array:
