@@ -409,6 +409,8 @@ def batches(rows: list, batch_size: int) -> list[list]:
     filled with `None`) so they share one compiled batch shape."""
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    if not rows:
+        return []
     ordered = sorted(rows, key=lambda r: (len(r.ids), r.prompt.line))
     width = min(batch_size, len(ordered))
     out = [ordered[i : i + width] for i in range(0, len(ordered), width)]
@@ -440,6 +442,10 @@ def _generate_batch(target, draft, batch: list[_Row | None], settings: Settings)
     )
 
 
+def pending_prompts(prompts: list[Prompt], answers: AnswerFile) -> list[Prompt]:
+    return [p for p in prompts if id_key(p.id) not in answers.answered]
+
+
 def run(
     target,
     draft,
@@ -459,15 +465,14 @@ def run(
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    pending = [p for p in prompts if id_key(p.id) not in answers.answered]
-    rows, bad = _rows(pending, target, settings)
+    pending = pending_prompts(prompts, answers)
+    rows, bad = _rows(pending, target, settings) if pending else ([], [])
     if on_bad is not None and bad:
         on_bad(bad)
     summary = Summary(
         prompts_total=len(prompts) - len(bad), answered_before=len(prompts) - len(pending), answered_now=0,
         skipped=list(bad), tokens=0, rounds=0, acceptance_sum=0, wall_time_s=0.0,
     )
-    tokenizer = target.tokenizer
     bar = tqdm(total=summary.prompts_total, initial=summary.answered_before, unit="prompt", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     try:
@@ -481,7 +486,7 @@ def run(
                 tokens = result.tokens[i]
                 answers.append({
                     "id": row.prompt.id,
-                    "text": tokenizer.decode(tokens),
+                    "text": target.tokenizer.decode(tokens),
                     "tokens": tokens,
                     "finish_reason": stats.finish_reasons[i],
                     "acceptance_length": round(sum(acceptance) / len(acceptance), 4) if acceptance else None,

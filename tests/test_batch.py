@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tiny_checkpoint import build_pair
 
 PROMPTS = [
@@ -30,7 +29,7 @@ PROMPTS = [
     {"turns": ["Compose an engaging travel blog post."], "temperature": 1.3},
     {"prompt": "Write a function that returns the perimeter of a square."},
     {"turns": ["Find the volume of a triangular prism."], "seed": 123},
-    {"messages": [{"role": "user", "content": "hi"}], "id": "greeting"},
+    {"messages": [{"role": "user", "content": "hi, how are you?"}], "id": "greeting"},
     {"prompt": "The lazy dog sleeps."},
 ]
 COMMON = ["--max-new-tokens", "12", "--temperature", "0.9", "--seed", "5", "--dtype", "float32", "--no-progress"]
@@ -81,7 +80,7 @@ def answers_by_id(path: Path) -> dict:
     records = [json.loads(line) for line in data.decode().splitlines()]
     ids = [json.dumps(r["id"]) for r in records]
     assert len(ids) == len(set(ids)), f"an id is answered twice: {sorted(ids)}"
-    return {i: r for i, r in zip(ids, records)}
+    return {i: r for i, r in zip(ids, records, strict=True)}
 
 
 @pytest.fixture(scope="module")

@@ -64,14 +64,16 @@ def run(args) -> int:
         if answers.truncated_bytes:
             print(f"{args.output}: dropped a partial last line ({answers.truncated_bytes} bytes) of an interrupted run",
                   file=sys.stderr)
-        target = dj.load_target(target_dir, dtype=args.dtype)
-        draft = None if draft_dir is None else dj.load_draft(draft_dir, dtype=args.dtype)
-        if settings.chat and not target.tokenizer.chat_template:
-            raise ConfigError(f"{target_dir} has no chat template; pass --no-chat to feed the prompts as raw text")
+        target = draft = None  # not loaded when every prompt is already answered
+        if batch.pending_prompts(inputs.prompts, answers):
+            target = dj.load_target(target_dir, dtype=args.dtype)
+            draft = None if draft_dir is None else dj.load_draft(draft_dir, dtype=args.dtype)
+            if settings.chat and not target.tokenizer.chat_template:
+                raise ConfigError(f"{target_dir} has no chat template; pass --no-chat to feed the prompts as raw text")
         summary = batch.run(
             target, draft, inputs.prompts, answers, settings, batch_size=args.batch_size, progress=not args.no_progress,
             on_bad=lambda late: batch.report_bad(late, args.input, strict=args.strict),
         )
     summary.skipped = inputs.bad + summary.skipped
-    print(summary.text(args.input, speculative=draft is not None))
+    print(summary.text(args.input, speculative=draft_dir is not None))
     return 0
