@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from flax import nnx
 from dspark_jax import acceptance, decode, sampling
 from dspark_jax import cache as kv
 from dspark_jax.acceptance import is_stop
+from dspark_jax.config import SamplingParams
 from dspark_jax.decode import Requests
 
 
@@ -76,14 +78,21 @@ def start(target, draft, req: Requests, K: int, capacity: int, out_len: int) -> 
     )
 
 
-def propose(draft, state: SpecState, K: int):
-    """Draft `K` tokens per row. -> (drafts [B, K], draft probabilities [B, K, V], proposal length [B])."""
-    req = state.req
+class Proposal(NamedTuple):
+    drafts: jax.Array  # i32[B, K] sampled draft tokens
+    probs: jax.Array  # f32[B, K, V] the distributions they were sampled from
+    logits: jax.Array  # f32[B, K, V] corrected logits (base + Markov bias)
+    confidence_logits: jax.Array  # f32[B, K] (zeros without a confidence head)
+    num_proposed: jax.Array  # i32[B] drafts sent to the target
+
+
+def propose(draft, pending, lengths, draft_cache, params: SamplingParams, keys, K: int) -> Proposal:
+    """Draft `K` tokens per row after the anchors `pending [B]` at positions `lengths [B]`."""
     cfg = draft.config
-    B = state.pending.shape[0]
-    block = jnp.concatenate([state.pending[:, None], jnp.full((B, cfg.block_size - 1), cfg.mask_token_id, jnp.int32)], axis=1)
+    B = pending.shape[0]
+    block = jnp.concatenate([pending[:, None], jnp.full((B, cfg.block_size - 1), cfg.mask_token_id, jnp.int32)], axis=1)
     with jax.named_scope("draft_block"):
-        hidden = draft.block_hidden(block, state.lengths, state.draft_cache)[:, :K]  # [B, K, D]
+        hidden = draft.block_hidden(block, lengths, draft_cache)[:, :K]  # [B, K, D]
         base = draft.base_logits(hidden)  # [B, K, V]
     markov = draft.markov_head
 
@@ -93,30 +102,29 @@ def propose(draft, state: SpecState, K: int):
         if markov is not None:
             bias, rnn_state = markov.step(prev, h, rnn_state)
             logits = logits + bias
-        probs = sampling.probabilities(logits, req.sampling)
-        keys = sampling.step_keys(req.keys, sampling.SALT_DRAFT, state.lengths + k + 1)
-        token = sampling.sample(keys, probs)
+        probs = sampling.probabilities(logits, params)
+        token = sampling.sample(sampling.step_keys(keys, sampling.SALT_DRAFT, lengths + k + 1), probs)
         conf = draft.confidence(h, prev) if draft.confidence_head is not None else jnp.zeros((B,), jnp.float32)
-        return (token, rnn_state), (token, probs, conf)
+        return (token, rnn_state), (token, probs, logits, conf)
 
     init_state = markov.initial_state(B) if markov is not None else jnp.zeros((B, 0), draft.dtype)
     with jax.named_scope("markov_loop"):
-        _, (drafts, p_draft, conf) = jax.lax.scan(
-            body, (state.pending, init_state), (jnp.arange(K), jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(base, 0, 1))
+        _, (drafts, probs, logits, conf) = jax.lax.scan(
+            body, (pending, init_state), (jnp.arange(K), jnp.swapaxes(hidden, 0, 1), jnp.swapaxes(base, 0, 1))
         )
-    drafts, p_draft, conf = drafts.T, jnp.swapaxes(p_draft, 0, 1), conf.T
     # Proposal length: the first position whose own confidence is below the threshold (reference §4.2).
-    threshold = req.sampling.confidence_threshold[:, None]
-    low = (jax.nn.sigmoid(conf) < threshold) & (threshold > 0)
+    threshold = params.confidence_threshold[:, None]
+    low = (jax.nn.sigmoid(conf.T) < threshold) & (threshold > 0)
     num_proposed = jnp.where(jnp.any(low, axis=1), jnp.argmax(low, axis=1), K).astype(jnp.int32)
-    return drafts, p_draft, num_proposed
+    return Proposal(drafts.T, jnp.swapaxes(probs, 0, 1), jnp.swapaxes(logits, 0, 1), conf.T, num_proposed)
 
 
 def step(target, draft, state: SpecState, K: int) -> SpecState:
     """One speculative round for every row; finished rows are left unchanged."""
     req = state.req
     B = state.pending.shape[0]
-    drafts, p_draft, num_proposed = propose(draft, state, K)
+    proposal = propose(draft, state.pending, state.lengths, state.draft_cache, req.sampling, req.keys, K)
+    drafts, p_draft, num_proposed = proposal.drafts, proposal.probs, proposal.num_proposed
 
     with jax.named_scope("verify"):
         verify_ids = jnp.concatenate([state.pending[:, None], drafts], axis=1)  # [B, K + 1]
