@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_checkpoint import build_pair
+from tiny_checkpoint import session_pair
 
 PROMPTS = [
     {"turns": ["Write a python function to add two numbers.", "A second turn that the job ignores."]},
@@ -37,7 +37,7 @@ COMMON = ["--max-new-tokens", "12", "--temperature", "0.9", "--seed", "5", "--dt
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    return build_pair(tmp_path_factory.mktemp("pair"))
+    return session_pair(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -153,12 +153,20 @@ def build_draft(directory: Path, target_dir: Path, *, seed: int = 1, block_size:
 
 
 def build_pair(root: Path) -> tuple[Path, Path]:
-    """-> (target directory, draft directory) under `root`."""
+    """-> (target directory, draft directory) under `root`; reused when a complete pair is already there."""
     root = Path(root)
     target, draft = root / "target", root / "draft"
-    build_target(target)
-    build_draft(draft, target)
+    done = root / "complete"
+    if not done.exists():
+        build_target(target)
+        build_draft(draft, target)
+        done.touch()
     return target, draft
+
+
+def session_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """One pair per pytest session, shared by the test modules that need one."""
+    return build_pair(tmp_path_factory.getbasetemp() / "tiny_pair")
 
 
 if __name__ == "__main__":
