@@ -414,8 +414,7 @@ def batches(rows: list, batch_size: int) -> list[list]:
     ordered = sorted(rows, key=lambda r: (len(r.ids), r.prompt.line))
     width = min(batch_size, len(ordered))
     out = [ordered[i : i + width] for i in range(0, len(ordered), width)]
-    if out:
-        out[-1] = out[-1] + [None] * (width - len(out[-1]))
+    out[-1] = out[-1] + [None] * (width - len(out[-1]))
     return out
 
 

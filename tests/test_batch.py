@@ -203,3 +203,28 @@ def test_strict_fails_on_the_first_malformed_line(pair, env, tmp_path):
     proc = run_batch(batch_command(pair, inp, out, "--strict"), env, expect_rc=2)
     assert "prompts.jsonl:2: not valid JSON" in proc.stderr and "--strict" in proc.stderr
     assert not out.exists()
+
+
+def test_a_second_writer_is_refused(tmp_path):
+    from dspark_jax import batch
+    from dspark_jax.errors import InputError
+
+    job = {"format": batch.FORMAT, "input_sha256": "0"}
+    out = tmp_path / "answers.jsonl"
+    with batch.AnswerFile.open(out, job) as first:
+        with pytest.raises(InputError, match="another dspark-jax batch job is writing"):
+            batch.AnswerFile.open(out, job)
+        first.append({"id": 0, "text": "a"})
+    with batch.AnswerFile.open(out, job) as again:  # the lock went with the first writer
+        assert again.answered == {batch.id_key(0)}
+
+
+def test_batches_are_length_sorted_and_share_one_shape():
+    from dspark_jax import batch
+
+    rows = [batch._Row(batch.Prompt(i, i, None, "x", {}), [1] * n, {}) for i, n in enumerate([9, 2, 7, 2, 30, 5, 1])]
+    groups = batch.batches(rows, 3)
+    assert [len(g) for g in groups] == [3, 3, 3]
+    assert [None if r is None else len(r.ids) for g in groups for r in g] == [1, 2, 2, 5, 7, 9, 30, None, None]
+    assert [r.prompt.line for r in groups[0]] == [6, 1, 3]  # equal lengths keep input order
+    assert [len(g) for g in batch.batches(rows[:2], 16)] == [2]
