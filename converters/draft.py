@@ -6,8 +6,8 @@ back (PyTorch `[out, in]` Linear weights) so a draft trained here loads in the r
 
 from __future__ import annotations
 
-from dspark_jax.config import DraftConfig
 from converters.loading import Rule
+from dspark_jax.config import DraftConfig
 
 LAYER = "layers.{i}."
 

@@ -27,14 +27,18 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
-        self.manager.save(step, args=ocp.args.StandardSave(state))
+        """Save the leaves of `state` (any pytree of arrays; its structure comes back from `restore`'s `like`)."""
+        leaves = {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(state))}
+        self.manager.save(step, args=ocp.args.StandardSave(leaves))
         self.manager.wait_until_finished()
 
     def restore(self, step: int, like):
         """Restore step `step` into the structure, shapes and dtypes of `like` (a pytree of arrays)."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        flat, treedef = jax.tree.flatten(like)
+        abstract = {f"{i:05d}": ocp.utils.to_shape_dtype_struct(x) for i, x in enumerate(flat)}
         try:
-            return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            return jax.tree.unflatten(treedef, [restored[f"{i:05d}"] for i in range(len(flat))])
         except Exception as e:  # orbax raises several types for a mismatching or damaged checkpoint
             raise CheckpointError(
                 f"cannot restore training checkpoint {self.directory}/{step}: {e}. It was written by a different "

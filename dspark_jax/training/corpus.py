@@ -125,10 +125,6 @@ def split_prompts(prompts_dir: Path, test_per_set: dict[str, int], dev_per_set: 
         n_test, n_dev = test_per_set.get(name, 0), dev_per_set.get(name, 0)
         if n_test + n_dev > len(prompts):
             raise InputError(f"{path} has {len(prompts)} prompts, fewer than test {n_test} + dev {n_dev}")
-        pick = lambda idx: [prompts[i] for i in sorted(idx)]
-        out[name] = {
-            "test": pick(order[:n_test]),
-            "dev": pick(order[n_test : n_test + n_dev]),
-            "train": pick(order[n_test + n_dev :]),
-        }
+        parts = {"test": order[:n_test], "dev": order[n_test : n_test + n_dev], "train": order[n_test + n_dev :]}
+        out[name] = {part: [prompts[i] for i in sorted(idx)] for part, idx in parts.items()}
     return out

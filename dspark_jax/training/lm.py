@@ -69,7 +69,7 @@ def lm_loss(model, windows: jax.Array) -> jax.Array:
 def _train_step(graphdef, params, opt_state, windows, tx):
     loss, grads = jax.value_and_grad(lambda p: lm_loss(nnx.merge(graphdef, p), windows))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, optax.global_norm(grads)
+    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -93,15 +93,11 @@ def train(target: Target, windows: np.ndarray, val_windows: np.ndarray, recipe: 
     out_dir.mkdir(parents=True, exist_ok=True)
     tx = optim.adamw(recipe.lr, recipe.steps, warmup_ratio=recipe.warmup_ratio, weight_decay=recipe.weight_decay,
                      max_grad_norm=recipe.max_grad_norm)
-    params = target.params
-    state = {"params": nnx.to_pure_dict(params), "opt_state": tx.init(params)}
+    params, opt_state = target.params, tx.init(target.params)
     ckpt = Checkpointer(out_dir / "checkpoints")
     start = ckpt.latest_step() or 0
     if start:
-        restored = ckpt.restore(start, state)
-        nnx.replace_by_pure_dict(params, restored["params"])
-        state = {"params": restored["params"], "opt_state": restored["opt_state"]}
-    opt_state = jax.tree.map(jnp.asarray, state["opt_state"])
+        params, opt_state = ckpt.restore(start, (params, opt_state))
     log = open(out_dir / "metrics.jsonl", "a")
     bar = tqdm(range(start, recipe.steps), initial=start, total=recipe.steps, desc="target LM", dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -115,7 +111,7 @@ def train(target: Target, windows: np.ndarray, val_windows: np.ndarray, recipe: 
         log.write(json.dumps(record) + "\n")
         log.flush()
         if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps:
-            ckpt.save(step + 1, {"params": nnx.to_pure_dict(params), "opt_state": opt_state})
+            ckpt.save(step + 1, (params, opt_state))
     log.close()
     ckpt.close()
     return target.with_params(params)

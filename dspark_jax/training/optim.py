@@ -7,6 +7,8 @@ uses `lr * (i + 1) / W` while `i < W`, then `lr * (1 + cos(pi * (i - W) / (total
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import optax
 
@@ -26,6 +28,7 @@ def warmup_cosine(lr: float, total: int, warmup_ratio: float):
     return schedule
 
 
+@functools.cache  # one object per setting, so jitted steps taking it as static are reused
 def adamw(lr: float, total: int, *, warmup_ratio: float = 0.04, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
           grad_accum: int = 1) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW with `warmup_cosine`; `grad_accum > 1` averages that many micro-steps.
