@@ -17,7 +17,13 @@ from dspark_jax.config import Gemma4Config
 from dspark_jax.errors import CheckpointError
 
 TEXT_PREFIXES = ("model.language_model.", "model.")
-NON_TEXT_PREFIXES = ("model.vision_tower.", "model.embed_vision.", "model.audio_tower.", "model.embed_audio.")
+NON_TEXT_PREFIXES = (
+    "model.vision_tower.",
+    "model.vision_embedder.",  # gemma4_unified hub name of `embed_vision` patch layers
+    "model.embed_vision.",
+    "model.audio_tower.",
+    "model.embed_audio.",
+)
 LAYER = "model.layers.{i}."
 SHARED_KV_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj|k_norm|v_norm)\.weight")
 

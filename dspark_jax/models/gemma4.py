@@ -119,7 +119,12 @@ class Gemma4Layer(nnx.Module):
         D, P = cfg.hidden_size, cfg.hidden_size_per_layer_input
         self.self_attn = Gemma4Attention(cfg, layer, dtype, rngs)
         self.mlp = Gemma4MLP(D, cfg.layer_intermediate_size(layer), cfg.activation, dtype, rngs)
-        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+        for name in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+        ):
             setattr(self, name, params.ones((D,), ("embed",), dtype))
         self.layer_scalar = params.ones((1,), (None,), dtype)
         self.moe = cfg.enable_moe_block
@@ -160,7 +165,9 @@ class Gemma4Layer(nnx.Module):
         x = x + self._norm(self.feed_forward(x), "post_feedforward_layernorm")
         if self.ple:
             g = ACTIVATIONS[self.act](jnp.einsum("btd,dp->btp", x, self.per_layer_input_gate[...])) * per_layer_input
-            x = x + self._norm(jnp.einsum("btp,pd->btd", g, self.per_layer_projection[...]), "post_per_layer_input_norm")
+            x = x + self._norm(
+                jnp.einsum("btp,pd->btd", g, self.per_layer_projection[...]), "post_per_layer_input_norm"
+            )
         return x * self.layer_scalar[...], fresh
 
 
@@ -173,7 +180,9 @@ class Gemma4Model(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.embed_tokens = params.normal(rngs, (V, D), ("vocab", "embed"), dtype)
         if P > 0:
-            self.embed_tokens_per_layer = params.normal(rngs, (cfg.vocab_size_per_layer_input, L * P), ("vocab", None), dtype)
+            self.embed_tokens_per_layer = params.normal(
+                rngs, (cfg.vocab_size_per_layer_input, L * P), ("vocab", None), dtype
+            )
             self.per_layer_model_projection = params.normal(rngs, (D, L, P), ("embed", None, None), dtype)
             self.per_layer_projection_norm = params.ones((P,), (None,), dtype)
         self.layers = nnx.List([Gemma4Layer(cfg, i, dtype, rngs) for i in range(L)])
@@ -200,7 +209,9 @@ class Gemma4Model(nnx.Module):
         return kv.allocate(batch, self.cache_shapes(capacity, max_block), self.dtype)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], tokens, axis=0) * _scale_in(math.sqrt(self.config.hidden_size), self.dtype)
+        return jnp.take(self.embed_tokens[...], tokens, axis=0) * _scale_in(
+            math.sqrt(self.config.hidden_size), self.dtype
+        )
 
     def per_layer_inputs(self, tokens: jax.Array, x: jax.Array) -> jax.Array:
         """PLE `[B, T, L, P]`: `(rms_norm(x @ W / sqrt(D)) + embed_per_layer(tokens) * sqrt(P)) / sqrt(2)`."""
@@ -257,8 +268,14 @@ class Gemma4Model(nnx.Module):
             src = c.kv_source(i)
             with jax.named_scope(f"layer_{i}"):
                 x, fresh[src] = layer(
-                    x, cos, sin, (cache.k[src], cache.v[src]), cached_mask, fresh_mask,
-                    shared=fresh.get(src), per_layer_input=None if ple is None else ple[:, :, i],
+                    x,
+                    cos,
+                    sin,
+                    (cache.k[src], cache.v[src]),
+                    cached_mask,
+                    fresh_mask,
+                    shared=fresh.get(src),
+                    per_layer_input=None if ple is None else ple[:, :, i],
                 )
             captured[i + 1] = x
         for i, (k, v) in fresh.items():
