@@ -8,6 +8,7 @@ persistent tensor is randomised (norm weights and scales around 1, `layer_scalar
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import shutil
@@ -229,6 +230,20 @@ def test_text_only_and_hub_exports_load_the_same_weights(case):
             np.testing.assert_array_equal(
                 np.asarray(var.get_value()), np.asarray(other[path].get_value()), err_msg=str(path)
             )
+
+
+def test_bf16_embedding_scale_is_rounded_like_transformers(case):
+    """sqrt(32) = 5.657 becomes 5.656 in bf16; transformers multiplies in the weight dtype by the rounded scale."""
+    hf = copy.deepcopy(case["hf"]).to(torch.bfloat16)
+    target = dj.load_target(case["dir"] / "multimodal", dtype="bfloat16")
+    ids = case["ids"][:, :16]
+    with torch.no_grad():
+        ref = hf.model.language_model.embed_tokens(torch.as_tensor(ids)).float().numpy()
+    ours = np.asarray(target.module.embed(jnp.asarray(ids, jnp.int32)).astype(jnp.float32))
+    np.testing.assert_array_equal(ours, ref)
+    table = np.asarray(target.params["embed_tokens"].get_value().astype(jnp.float32))[ids]
+    unrounded = np.asarray(jnp.asarray(table * np.sqrt(D), jnp.bfloat16).astype(jnp.float32))
+    assert (unrounded != ref).any(), "the test must tell the rounded scale from the exact one"
 
 
 def test_cached_blocks_at_ragged_offsets_match_full_forward(case):
