@@ -1,8 +1,8 @@
 """`dspark-jax batch`: resumable after SIGKILL, malformed lines reported, answers independent of batch size.
 
-Every job runs the real command in a subprocess on a tiny pair built by `tiny_checkpoint` (a transformers
-Qwen3 target and a DeepSpec-layout draft). The subprocesses share a persistent JAX compilation cache so
-only the first run of each batch shape pays for compilation.
+Jobs that generate run the real command in a subprocess on a tiny pair built by `tiny_checkpoint` (a
+transformers Qwen3 target and a DeepSpec-layout draft); they share a persistent JAX compilation cache so only
+the first run of each batch shape pays for compilation. Jobs refused before any model loads run in-process.
 """
 
 from __future__ import annotations
@@ -66,6 +66,17 @@ def batch_command(pair, input_path, output_path, *extra, draft=True):
         "--draft", str(draft_dir) if draft else "none", "--input", str(input_path), "--output", str(output_path),
         *COMMON, *extra,
     ]
+
+
+def run_in_process(cmd, capsys, expect_rc):
+    """For jobs that stop before loading a model: `cli.main` here, no subprocess start-up."""
+    from dspark_jax import cli
+
+    assert cmd[1:4] == ["-m", "dspark_jax.cli", "batch"]
+    rc = cli.main(cmd[3:])
+    captured = capsys.readouterr()
+    assert rc == expect_rc, f"rc {rc}\nstdout:\n{captured.out}\nstderr:\n{captured.err}"
+    return captured
 
 
 def run_batch(cmd, env, expect_rc=0):
@@ -149,20 +160,20 @@ def test_killed_job_resumes_to_the_uninterrupted_answers(pair, env, prompts_file
     assert out.read_bytes() == reference.read_bytes()
 
 
-def test_resume_with_other_arguments_is_refused(pair, env, prompts_file, reference, tmp_path):
+def test_resume_with_other_arguments_is_refused(pair, prompts_file, reference, tmp_path, capsys):
     out = tmp_path / "answers.jsonl"
     out.write_bytes(reference.read_bytes())
     (tmp_path / "answers.jsonl.job.json").write_bytes((reference.parent / "answers.jsonl.job.json").read_bytes())
     cmd = batch_command(pair, prompts_file, out, "--batch-size", "3")
     cmd[cmd.index("--temperature") + 1] = "0.5"
-    proc = run_batch(cmd, env, expect_rc=2)
-    assert "different arguments" in proc.stderr and "temperature: 0.9 there, 0.5 now" in proc.stderr
+    proc = run_in_process(cmd, capsys, expect_rc=2)
+    assert "different arguments" in proc.err and "temperature: 0.9 there, 0.5 now" in proc.err
     assert out.read_bytes() == reference.read_bytes()
     # A file that no batch job wrote is not appended to either.
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"something": "else"}\n')
-    proc = run_batch(batch_command(pair, prompts_file, foreign), env, expect_rc=2)
-    assert "not written by a dspark-jax batch job" in proc.stderr
+    proc = run_in_process(batch_command(pair, prompts_file, foreign), capsys, expect_rc=2)
+    assert "not written by a dspark-jax batch job" in proc.err
     assert foreign.read_text() == '{"something": "else"}\n'
 
 
@@ -196,12 +207,12 @@ def test_malformed_lines_are_reported_and_skipped(pair, env, tmp_path):
     assert all(r["acceptance_length"] == 1.0 for r in answers.values())
 
 
-def test_strict_fails_on_the_first_malformed_line(pair, env, tmp_path):
+def test_strict_fails_on_the_first_malformed_line(pair, tmp_path, capsys):
     inp = tmp_path / "prompts.jsonl"
     inp.write_text("\n".join(MALFORMED) + "\n")
     out = tmp_path / "answers.jsonl"
-    proc = run_batch(batch_command(pair, inp, out, "--strict"), env, expect_rc=2)
-    assert "prompts.jsonl:2: not valid JSON" in proc.stderr and "--strict" in proc.stderr
+    proc = run_in_process(batch_command(pair, inp, out, "--strict"), capsys, expect_rc=2)
+    assert "prompts.jsonl:2: not valid JSON" in proc.err and "--strict" in proc.err
     assert not out.exists()
 
 
