@@ -38,6 +38,12 @@ def run(args) -> int:
     target_dir = Path(args.target) if args.target is not None else assets.TARGET
     no_draft = args.draft is not None and str(args.draft).lower() == "none"
     draft_dir = None if no_draft else Path(args.draft) if args.draft is not None else assets.DSPARK_DRAFT
+    for flag, directory, given in (("--target", target_dir, args.target), ("--draft", draft_dir, args.draft)):
+        if directory is not None and not directory.is_dir():
+            if given is None:
+                raise InputError(f"the built-in checkpoint {directory} (default of {flag}) is not installed; "
+                                 f"pass {flag} DIR with a checkpoint directory")
+            raise InputError(f"{flag} {directory} is not a directory; pass {flag} DIR with a checkpoint directory")
     settings = batch.Settings(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
