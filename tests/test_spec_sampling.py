@@ -1,0 +1,124 @@
+"""Sampled speculative decoding follows the target distribution exactly.
+
+On a tiny vocabulary (V = 8) we draw N independent samples of the first three generated tokens (one batch
+row each) and compare their empirical distribution over all 512 outcomes with the exact target
+distribution, computed independently: transformers' forward of the same checkpoint over every continuation,
+processed with transformers' own temperature / top-k / top-p logits warpers.
+
+Stated bound: total-variation distance <= 0.01. With N = 2**15 the TV of an exact sampler's empirical
+distribution is ~0.05 (512 outcomes), so the 0.01 bound applies to the *excess* over that noise floor, which
+we estimate from the exact distribution itself (mean TV of exact samplers' empirical distributions); a
+chi-square goodness-of-fit test (p > 1e-4) additionally guards against systematic deviations.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hf_models import qwen3
+from scipy import stats as scistats
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+import dspark_jax as dj
+from dspark_jax import synthetic
+
+V = 8
+PROMPT = [1, 5, 2, 6]
+STEPS = 3
+N = 2**15
+SETTINGS = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_v8")
+    hf = qwen3(
+        directory, seed=3, vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    )
+    with torch.no_grad():  # sharper logits than the default init so the distributions are far from uniform
+        hf.lm_head.weight.mul_(6.0)
+    hf.save_pretrained(directory)
+    target = dj.load_target(directory, dtype="float32")
+    cfg = synthetic.draft_config_for(target.config, num_layers=1, markov_rank=8, target_layer_ids=(0,), mask_token_id=V - 1)
+    # A draft that roughly knows the target: its Markov head encodes the target's greedy successor of each
+    # token after the prompt, for 70% of the tokens, at a strength that keeps its distributions soft.
+    with torch.no_grad():
+        last = hf(torch.as_tensor([PROMPT + [x] for x in range(V)])).logits[:, -1]
+    successor = last.argmax(-1).numpy()
+    draft = synthetic.oracle_draft(target, cfg, successor, accuracy=0.7, strength=2.0, seed=4)
+    return hf, target, draft
+
+
+def exact_distribution(hf, setting) -> np.ndarray:
+    """P(y1, y2, y3 | prompt) under the processed target distribution, as a [V, V, V] array."""
+    warpers = []
+    if setting["temperature"] != 1.0:
+        warpers.append(TemperatureLogitsWarper(setting["temperature"]))
+    if setting["top_k"]:
+        warpers.append(TopKLogitsWarper(setting["top_k"]))
+    if setting["top_p"] < 1.0:
+        warpers.append(TopPLogitsWarper(setting["top_p"]))
+    prefixes = np.array([PROMPT + [a, b] for a, b in itertools.product(range(V), range(V))])
+    with torch.no_grad():
+        logits = hf(torch.as_tensor(prefixes)).logits[:, len(PROMPT) - 1 :, :]  # [V*V, 3, V]
+    probs = []
+    for step in range(STEPS):
+        x = logits[:, step, :].clone()
+        for w in warpers:
+            x = w(torch.as_tensor(prefixes[:, : len(PROMPT) + step]), x)
+        probs.append(torch.softmax(x, dim=-1).numpy().reshape(V, V, V))
+    p1 = probs[0][0, 0]  # independent of (a, b)
+    p2 = probs[1][:, 0, :]  # [y1, y2]
+    p3 = probs[2]  # [y1, y2, y3]
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def empirical(tokens) -> np.ndarray:
+    counts = np.zeros(V**STEPS)
+    idx = np.array([t[0] * V * V + t[1] * V + t[2] for t in tokens])
+    np.add.at(counts, idx, 1)
+    return counts / counts.sum()
+
+
+@pytest.mark.parametrize("K", [1, 3, 7])
+def test_speculative_sampling_matches_target(setup, K):
+    hf, target, draft = setup
+    rng = np.random.default_rng(K)
+    for setting in SETTINGS:
+        exact = exact_distribution(hf, setting).reshape(-1).astype(np.float64)
+        exact /= exact.sum()
+        assert abs(exact.sum() - 1) < 1e-5
+        noise = np.mean([0.5 * np.abs(rng.multinomial(N, exact) / N - exact).sum() for _ in range(20)])
+        for threshold in (0.0, 0.5):
+            result = dj.generate(
+                target, draft, [PROMPT] * N, max_new_tokens=STEPS, stop_token_ids=[], draft_length=K,
+                confidence_threshold=threshold, seed=100 * K + int(10 * threshold), **setting,
+            )
+            assert all(len(t) == STEPS for t in result.tokens)
+            emp = empirical(result.tokens)
+            tv = 0.5 * np.abs(emp - exact).sum()
+            assert tv - noise <= 0.01, f"K={K} {setting} threshold={threshold}: TV {tv:.4f} vs noise {noise:.4f}"
+            support = exact > 0
+            assert emp[~support].sum() == 0, "sampled a token the processed target distribution excludes"
+            expected = exact * N
+            common = expected >= 5  # chi-square needs expected counts >= 5: pool the rare outcomes into one bin
+            observed, expected = emp[common] * N, expected[common]
+            if exact[~common].sum() > 0:
+                observed = np.append(observed, emp[~common].sum() * N)
+                expected = np.append(expected, exact[~common].sum() * N)
+            chi2 = scistats.chisquare(observed, expected)
+            assert chi2.pvalue > 1e-4, f"K={K} {setting} threshold={threshold}: chi-square p={chi2.pvalue:.2e}"
+            # the check is only meaningful if drafts are sometimes accepted and sometimes rejected,
+            # and (with a threshold) if the confidence head sometimes truncates the proposal
+            firsts = [row[0] for row in result.stats.accepted_draft_lengths]
+            proposed = np.mean([row[0] for row in result.stats.proposal_lengths])
+            rate = np.mean([a > 0 for a in firsts])
+            if threshold == 0:
+                assert 0.02 < rate < 0.98, f"first-draft acceptance rate {rate:.3f}"
+                assert proposed == K
+            else:
+                assert 0 < proposed < K, f"mean first-round proposal length {proposed:.2f}"
