@@ -321,6 +321,7 @@ def line_plot(
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     if logx:
         ax.set_xscale("log", base=2)
+    if len(x) <= 16:
         ax.set_xticks(list(x), [str(v) for v in x])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -362,3 +363,42 @@ def save_figure(fig, path: str | Path) -> Path:
     fig.savefig(path, format="png")
     _pyplot().close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------ cost-inflated target
+
+
+def inflate_target(target, megabytes: float, *, seed: int = 0):
+    """`target` plus extra layers (appended after its last layer) holding about `megabytes` MB of parameters.
+
+    The extra layers have random weights but zero output projections (`o_proj`, `down_proj`), so each adds
+    exactly zero to the residual stream: logits and every captured feature of the original layers are
+    unchanged bit for bit, while each decode step reads the extra weights like a real model would
+    (benchmarks.md, "cost-inflated target"). Dense Qwen3 targets only.
+    """
+    from flax import nnx
+
+    from dspark_jax.config import Qwen3Config
+    from dspark_jax.errors import ConfigError
+    from dspark_jax.handles import Target
+
+    cfg = target.config
+    if not isinstance(cfg, Qwen3Config) or cfg.is_moe:
+        raise ConfigError(f"cost inflation supports dense Qwen3 targets only, not {type(cfg).__name__}")
+    flat = dict(nnx.to_flat_state(target.params))
+    layer_bytes = sum(v.get_value().nbytes for p, v in flat.items() if p[0] == "layers" and p[1] == 0)
+    extra = max(1, math.ceil(megabytes * 1e6 / layer_bytes))
+    L = cfg.num_layers
+    big = Target.random(dataclasses.replace(cfg, num_layers=L + extra), dtype=target.dtype, seed=seed,
+                        stop_token_ids=target.stop_token_ids)
+    for path, var in nnx.to_flat_state(big.params):
+        if path[0] != "layers" or path[1] < L:
+            var.set_value(flat[path].get_value())
+        elif path[-1] in ("o_proj", "down_proj"):
+            var.set_value(jnp.zeros_like(var.get_value()))
+    return dataclasses.replace(big, directory=target.directory)
+
+
+def retarget_draft(draft, target):
+    """`draft` declared for `target`'s layer count (for a cost-inflated target, whose extra layers come last)."""
+    return dataclasses.replace(draft, config=dataclasses.replace(draft.config, num_target_layers=target.config.num_layers))

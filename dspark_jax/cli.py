@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": ("dspark_jax.commands.generate", "generate text for one prompt (AR or speculative), print text and stats"),
     "convert": ("dspark_jax.commands.convert", "convert an HF checkpoint directory into an orbax checkpoint"),
     "batch": ("dspark_jax.commands.batch", "answer a JSONL file of prompts (resumable, one JSON line per prompt)"),
+    "bench": ("dspark_jax.commands.bench", "benchmark report: acceptance per prompt set, AR vs speculative speed, PNG plots"),
     "build-cache": ("dspark_jax.commands.build_cache", "run a target over training data into a target cache (resumable)"),
     "train-draft": ("dspark_jax.commands.train_draft", "train or resume a DSpark / DFlash draft from a YAML recipe"),
     "build-fixture": ("dspark_jax.commands.build_fixture", "train the built-in target + DSpark/DFlash pair from scratch"),
