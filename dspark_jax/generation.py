@@ -14,11 +14,13 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from dspark_jax import decode, sampling, spec
 from dspark_jax.config import SamplingParams
 from dspark_jax.errors import ConfigError, InputError
 from dspark_jax.handles import Draft, Target
+from dspark_jax.sharding import shard_array
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16
@@ -229,8 +231,17 @@ def build_requests(
         stop_ids=jnp.asarray(_stop_matrix(stops, B, target.config.vocab_size)),
         keys=keys,
     )
+    mesh = _mesh_of(target)
+    if mesh is not None:  # requests over the data axis, like the parameters' own placement
+        req = jax.tree.map(lambda x: shard_array(x, ("batch",) + (None,) * (x.ndim - 1), mesh), req)
     shapes = {"capacity": T + M + extra_capacity + 1, "out_len": M + extra_capacity + 1}
     return req, token_lists, shapes
+
+
+def _mesh_of(target: Target):
+    """The mesh the target's parameters live on, if they were loaded sharded."""
+    sharding = getattr(jax.tree.leaves(target.params)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 
 def _finish(out, count, token_lists, max_new, stop_ids) -> tuple[list[list[int]], list[str]]:
