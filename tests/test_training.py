@@ -211,7 +211,7 @@ def _recipe(root, name, **over):
         output_dir=str(root / name),
         draft=dict(num_layers=1, block_size=4, target_layer_ids=[0, 1], mask_token_id=63, markov_rank=8,
                    confidence_head=True, num_anchors=8),
-        batch_size=4, steps=8, max_length=64, length_multiple=32, chunk_blocks=8, checkpoint_every=2,
+        batch_size=4, steps=8, max_length=64, length_buckets=[64], chunk_blocks=8, checkpoint_every=2,
         eval=dict(every=0, max_samples=8), optimizer=dict(lr=3e-3, warmup_ratio=0.1), export=dict(dtype="float32"),
     )
     for k, v in over.items():

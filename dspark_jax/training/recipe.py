@@ -12,7 +12,8 @@ default. Layout (defaults in the dataclasses below):
             confidence_head, confidence_head_with_markov, intermediate_size, num_anchors, init_from}
     loss: {ce, l1, conf, decay_gamma}
     optimizer: {lr, warmup_ratio, weight_decay, max_grad_norm}
-    batch_size, grad_accum, steps | epochs, max_length, length_multiple, seed, compute_dtype, chunk_blocks
+    batch_size, grad_accum, steps | epochs, max_length, length_buckets, length_grouping, seed, compute_dtype,
+    chunk_blocks
     eval: {every, max_samples, prompts, num_prompts, max_new_tokens, temperatures}
     checkpoint_every, log_every
     export: {dtype}
@@ -80,7 +81,8 @@ class DraftRecipe:
     steps: int | None = None
     epochs: float | None = None
     max_length: int = 4096
-    length_multiple: int = 64
+    length_buckets: tuple[int, ...] = ()  # padded lengths; () = powers of two from 64, and max_length
+    length_grouping: int = 16  # batches drawn from one length-sorted group (1 = plain random batches)
     seed: int = 42
     compute_dtype: str = "float32"
     chunk_blocks: int = 64
@@ -92,6 +94,13 @@ class DraftRecipe:
     @property
     def output(self) -> Path:
         return Path(self.output_dir)
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        if self.length_buckets:
+            return tuple(self.length_buckets)
+        powers = [1 << i for i in range(6, 31) if (1 << i) < self.max_length]
+        return (*powers, self.max_length)
 
 
 def _build(cls, data: Any, where: str):
@@ -120,11 +129,14 @@ def parse_recipe(data: dict, where: str = "recipe") -> DraftRecipe:
     recipe = _build(DraftRecipe, data, where)
     if (recipe.steps is None) == (recipe.epochs is None):
         raise ConfigError(f"{where}: give exactly one of 'steps' or 'epochs'")
-    for name in ("batch_size", "grad_accum", "max_length", "chunk_blocks", "length_multiple"):
+    for name in ("batch_size", "grad_accum", "max_length", "chunk_blocks", "length_grouping"):
         if int(getattr(recipe, name)) < 1:
             raise ConfigError(f"{where}: {name} must be >= 1")
     if recipe.checkpoint_every % recipe.grad_accum:
         raise ConfigError(f"{where}: checkpoint_every must be a multiple of grad_accum")
+    if recipe.length_buckets and (list(recipe.length_buckets) != sorted(set(recipe.length_buckets))
+                                  or recipe.length_buckets[-1] < recipe.max_length):
+        raise ConfigError(f"{where}: length_buckets must increase and end at >= max_length ({recipe.max_length})")
     if recipe.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"{where}: compute_dtype must be 'float32' or 'bfloat16'")
     if not recipe.draft.target_layer_ids:

@@ -243,15 +243,15 @@ def build_cache(
     min_loss_tokens: int = 14,
     batch_tokens: int = 8192,
     group: int = 64,
-    length_multiple: int = 64,
+    min_length: int = 64,
     total: int | None = None,
     metadata: dict | None = None,
 ) -> TargetCache:
     """Run `target` over tokenised `samples` ((input_ids, loss_mask) per input record; None = skip) into `out_dir`.
 
     Records are read in groups of `group`; a group is sorted by length and run in right-padded batches of
-    about `batch_tokens` tokens (lengths padded to `length_multiple`), then written and flushed, so an
-    interrupted build resumes at the group it was working on. Samples with fewer than `min_loss_tokens`
+    `batch_tokens // T` rows of length `T` (a power of two >= `min_length`: few shapes, few compilations),
+    then written and flushed, so an interrupted build resumes at the group it was working on. Samples with fewer than `min_loss_tokens`
     supervised tokens are dropped (reference §6.1).
     """
     L_t = target.config.num_layers
@@ -271,12 +271,12 @@ def build_cache(
     consumed = 0
     pending: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def pad(n: int) -> int:
-        return -(-n // length_multiple) * length_multiple
+    def bucket(n: int) -> int:
+        return max(min_length, 1 << (n - 1).bit_length())
 
     def run_batch(batch):
-        T = pad(max(len(ids) for ids, _ in batch))
-        tokens = np.zeros((1 << (len(batch) - 1).bit_length(), T), np.int32)  # batch rounded up to a power of two
+        T = bucket(max(len(ids) for ids, _ in batch))
+        tokens = np.zeros((max(1, batch_tokens // T), T), np.int32)
         for row, (ids, _) in enumerate(batch):
             tokens[row, : len(ids)] = ids
         features, hidden = _target_features(target.graphdef, target.params, jnp.asarray(tokens), capture=capture)
@@ -287,7 +287,8 @@ def build_cache(
     def run_group():
         batch = []
         for sample in sorted(pending, key=lambda s: len(s[0])):  # ascending: the newest sample is the longest
-            if batch and (len(batch) + 1) * pad(len(sample[0])) > batch_tokens:
+            T = bucket(len(sample[0]))
+            if batch and (bucket(len(batch[0][0])) != T or len(batch) >= max(1, batch_tokens // T)):
                 run_batch(batch)
                 batch = []
             batch.append(sample)

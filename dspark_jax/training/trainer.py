@@ -3,7 +3,7 @@
 * Parameters are split once into frozen (`embed_tokens`, `lm_head`: copies of the target's, never updated —
   the gradient is taken only with respect to the trainable part) and trainable fp32 master weights; the
   forward runs in `compute_dtype` (weights cast each step).
-* Step `s` (a micro-step) reads the sequences `epoch_order(seed + epoch)[...]` and draws its anchors with
+* Step `s` (a micro-step) reads batch `s` of `epoch_batches` (seeded by `seed + epoch`) and draws its anchors with
   `fold_in(key(seed), s)`: batches and anchors are pure functions of the recipe and the step, so restoring
   the orbax checkpoint of step `s` and continuing reproduces the uninterrupted run's losses exactly.
 * Every `eval.every` steps: loss terms, per-slot soft acceptance and the expected acceptance length on the
@@ -54,11 +54,11 @@ class Batch:
     last_hidden: jax.Array  # [B, S, D]
 
 
-def make_batch(cache: TargetCache, ids, *, max_length: int, length_multiple: int, dtype, rows: int | None = None) -> Batch:
-    """Right-pad cache samples `ids` (truncated to `max_length`) to a multiple of `length_multiple`."""
+def make_batch(cache: TargetCache, ids, *, max_length: int, buckets, dtype, rows: int | None = None) -> Batch:
+    """Right-pad cache samples `ids` (truncated to `max_length`) to the smallest length bucket that fits."""
     samples = [cache[int(i)] for i in ids]
     lengths = [min(len(s), max_length) for s in samples]
-    S = min(-(-max(lengths) // length_multiple) * length_multiple, max(max_length, max(lengths)))
+    S = next(b for b in buckets if b >= max(lengths))
     B = rows or len(samples)
     F, D = samples[0].features.shape[1], samples[0].last_hidden.shape[1]
     input_ids = np.zeros((B, S), np.int32)
@@ -130,13 +130,23 @@ def summarize(stats: dict) -> dict:
     return out
 
 
-def epoch_order(num_samples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Sample ids of micro-step `step`: a seeded permutation per epoch (`seed + epoch`), consumed in order."""
-    per_epoch = num_samples // batch_size
+def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int, seed: int, grouping: int) -> list[np.ndarray]:
+    """The batches (sample ids) of one epoch: a permutation seeded with `seed + epoch`, cut into groups of
+    `grouping` batches, each group sorted by length before it is cut into batches (little padding), and the
+    batches shuffled. A pure function of its arguments, so a resumed run sees the same batches."""
+    n = len(lengths)
+    per_epoch = n // batch_size
     if per_epoch < 1:
-        raise ConfigError(f"the training cache has {num_samples} samples, fewer than batch_size {batch_size}")
-    epoch, i = divmod(step, per_epoch)
-    return np.random.default_rng(seed + epoch).permutation(num_samples)[i * batch_size : (i + 1) * batch_size]
+        raise ConfigError(f"the training cache has {n} samples, fewer than batch_size {batch_size}")
+    rng = np.random.default_rng(seed + epoch)
+    order = rng.permutation(n)[: per_epoch * batch_size]
+    batches = []
+    span = grouping * batch_size
+    for g in range(0, len(order), span):
+        group = order[g : g + span]
+        group = group[np.argsort(lengths[group], kind="stable")]
+        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def mask_token_of(target_dir: Path) -> int:
@@ -193,6 +203,7 @@ class DraftTrainer:
                               grad_accum=r.grad_accum)
         self.opt_state = self.tx.init(self.trainable)
         self.step = 0
+        self._epoch: tuple = (None, [])
         self.statics = dict(num_anchors=self.config.num_anchors, weights=r.loss, chunk_blocks=r.chunk_blocks, dtype=self.dtype)
 
     def _total_micro_steps(self) -> int:
@@ -215,8 +226,11 @@ class DraftTrainer:
 
     def batch(self, step: int) -> Batch:
         r = self.recipe
-        ids = epoch_order(len(self.train_cache), r.batch_size, step, r.seed)
-        return make_batch(self.train_cache, ids, max_length=r.max_length, length_multiple=r.length_multiple, dtype=self.dtype)
+        per_epoch = len(self.train_cache) // r.batch_size
+        epoch, i = divmod(step, max(per_epoch, 1))
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_batches(self.train_cache.lengths, r.batch_size, epoch, r.seed, r.length_grouping))
+        return make_batch(self.train_cache, self._epoch[1][i], max_length=r.max_length, buckets=r.buckets, dtype=self.dtype)
 
     def key(self, step: int) -> jax.Array:
         return jax.random.fold_in(jax.random.key(self.recipe.seed), step)
@@ -273,11 +287,12 @@ class DraftTrainer:
         result: dict = {}
         if self.eval_cache is not None:
             n = min(len(self.eval_cache), r.eval.max_samples)
+            order = np.argsort(self.eval_cache.lengths[:n], kind="stable")  # similar lengths together: fewer shapes
             totals, parts_sum, batches = None, {}, 0
             for i in range(0, n, r.batch_size):
-                ids = np.arange(i, min(i + r.batch_size, n))
-                batch = make_batch(self.eval_cache, ids, max_length=r.max_length, length_multiple=r.length_multiple,
-                                   dtype=self.dtype, rows=r.batch_size)
+                ids = order[i : i + r.batch_size]
+                batch = make_batch(self.eval_cache, ids, max_length=r.max_length, buckets=r.buckets, dtype=self.dtype,
+                                   rows=r.batch_size)
                 _, parts, stats = eval_step(self.graphdef, self.frozen, self.trainable, batch,
                                             jax.random.key(r.seed + 1 + i), **self.statics)
                 stats = jax.tree.map(np.asarray, stats)
