@@ -8,8 +8,6 @@
   fraction of tokens get a wrong successor (a "mixed" draft).
 * `random_draft`: untrained draft weights with the target's embeddings copied in (tau ~ 1).
 * `draft_config_for`: a DSpark draft config shaped like the reference's (target-shaped layers).
-* `inflate_target`: a trained target made costly (extra layers with zero output projections: outputs unchanged
-  bit for bit, weights as large as asked), with `retarget_draft` to pair its drafts with it.
 """
 
 from __future__ import annotations
@@ -154,35 +152,3 @@ def oracle_draft(
     _set(params, ("markov_head", "markov_w2"), w2)
     _set(params, ("norm",), np.zeros(config.hidden_size, np.float32))
     return dataclasses.replace(draft, params=params)
-
-
-def inflate_target(target: Target, extra_layers: int, *, seed: int = 0) -> Target:
-    """`target` with `extra_layers` more decoder layers appended whose attention `o_proj` and MLP `down_proj` are zero.
-
-    Each extra layer adds exactly zero to the residual stream (`x + 0 == x`), so hidden states, captured features
-    of the original layers and logits are bit-for-bit those of `target`, while every step reads the extra
-    layers' weights (random q/k/v, gate and up projections) like a model of the inflated size: the benchmark
-    "cost-inflated target" of benchmarks.md. Dense Qwen3 targets only.
-    """
-    cfg = target.config
-    if not isinstance(cfg, Qwen3Config) or cfg.is_moe:
-        raise ValueError("inflate_target supports dense Qwen3 targets")
-    inflated = Target.random(dataclasses.replace(cfg, num_layers=cfg.num_layers + extra_layers), dtype=target.dtype, seed=seed,
-                             stop_token_ids=target.stop_token_ids)
-    params = inflated.params
-    flat = dict(nnx.to_flat_state(params))
-    for path, var in nnx.to_flat_state(target.params):
-        flat[path].set_value(var.get_value())
-    for i in range(cfg.num_layers, cfg.num_layers + extra_layers):
-        for path in (("layers", i, "self_attn", "o_proj"), ("layers", i, "mlp", "down_proj")):
-            flat[path].set_value(jnp.zeros_like(flat[path].get_value()))
-    return dataclasses.replace(inflated, params=params, directory=target.directory)
-
-
-def retarget_draft(draft: Draft, target: Target) -> Draft:
-    """`draft` declared for `target`'s layer count (same weights), e.g. to pair it with `inflate_target(...)`."""
-    from dspark_jax.draft import DSparkDraft
-
-    config = dataclasses.replace(draft.config, num_target_layers=target.config.num_layers)
-    graphdef = nnx.split(nnx.eval_shape(lambda: DSparkDraft(config, dtype=draft.dtype, rngs=nnx.Rngs(0))))[0]
-    return dataclasses.replace(draft, config=config, graphdef=graphdef)
