@@ -3,8 +3,8 @@
 * Source files are split into train / held-out by a hash of their relative path (stable across machines).
 * Functions with a docstring become chat conversations: the user asks for the function (in the style of
   the MBPP or HumanEval prompts), the assistant answers with its source in a ```python block.
-* Every prompt set is split by a seeded permutation into `test` (acceptance is reported on these; never
-  trained on, by the target or the draft), `dev` (held-out evaluation during draft training) and `train`.
+* Every prompt set is split into `test` (its first prompts: acceptance is reported on these; never trained on, by
+  the target or the draft), `dev` (the next ones: held-out evaluation during draft training) and `train` (the rest).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 
 from dspark_jax.errors import InputError
 
@@ -110,9 +109,13 @@ def read_prompt_set(path: Path) -> list[str]:
     return out
 
 
-def split_prompts(prompts_dir: Path, test_per_set: dict[str, int], dev_per_set: dict[str, int], seed: int
-                  ) -> dict[str, dict[str, list[str]]]:
-    """`{set name: {"test": [...], "dev": [...], "train": [...]}}` by a seeded permutation per set."""
+def split_prompts(prompts_dir: Path, test_per_set: dict[str, int], dev_per_set: dict[str, int]) -> dict[str, dict[str, list[str]]]:
+    """`{set name: {"test": [...], "dev": [...], "train": [...]}}`: per file, the first `test_per_set[name]` prompts
+    are `test`, the next `dev_per_set[name]` are `dev`, the rest `train`.
+
+    Taking the test prompts from the head of each file keeps every "first N prompts of a set" evaluation (e.g.
+    `dspark-jax bench --num-prompts N` with N <= the test count) on prompts that nothing was trained on.
+    """
     prompts_dir = Path(prompts_dir)
     files = sorted(prompts_dir.glob("*.jsonl"))
     if not files:
@@ -121,10 +124,8 @@ def split_prompts(prompts_dir: Path, test_per_set: dict[str, int], dev_per_set: 
     for path in files:
         name = path.stem
         prompts = read_prompt_set(path)
-        order = np.random.default_rng([seed, zlib.crc32(name.encode())]).permutation(len(prompts))
         n_test, n_dev = test_per_set.get(name, 0), dev_per_set.get(name, 0)
         if n_test + n_dev > len(prompts):
             raise InputError(f"{path} has {len(prompts)} prompts, fewer than test {n_test} + dev {n_dev}")
-        parts = {"test": order[:n_test], "dev": order[n_test : n_test + n_dev], "train": order[n_test + n_dev :]}
-        out[name] = {part: [prompts[i] for i in sorted(idx)] for part, idx in parts.items()}
+        out[name] = {"test": prompts[:n_test], "dev": prompts[n_test : n_test + n_dev], "train": prompts[n_test + n_dev :]}
     return out

@@ -138,7 +138,7 @@ class Pipeline:
         c = self.cfg
         root = corpus.stdlib_root()
         train, heldout = corpus.split_files(root, c.heldout_percent)
-        prompts = corpus.split_prompts(Path(c.prompts_dir), c.test_per_set, c.dev_per_set, c.seed)
+        prompts = corpus.split_prompts(Path(c.prompts_dir), c.test_per_set, c.dev_per_set)
         data = self.out / "data"
         data.mkdir(parents=True, exist_ok=True)
         split = {
