@@ -17,7 +17,6 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-
 from dspark_jax.errors import InputError
 
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}
