@@ -55,8 +55,15 @@ def probabilities(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 
 def sample(keys: jax.Array, probs: jax.Array) -> jax.Array:
-    """One token per row from `probs [B, V]` with per-row `keys [B]` (Gumbel-max on log-probabilities)."""
-    return jax.vmap(lambda k, p: jax.random.categorical(k, jnp.log(p)))(keys, probs).astype(jnp.int32)
+    """One token per row from (possibly unnormalised) `probs [B, V]` with per-row `keys [B]`.
+
+    Inverse CDF with one uniform per row: the token is the first index whose cumulative mass exceeds
+    `u * total`, which always has non-zero probability. One random number per row instead of `V` keeps
+    sampling cheap at real vocabulary sizes.
+    """
+    cdf = jnp.cumsum(probs, axis=-1)
+    u = jax.vmap(lambda k: jax.random.uniform(k))(keys) * cdf[:, -1]
+    return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), probs.shape[-1] - 1).astype(jnp.int32)
 
 
 def step_keys(row_keys: jax.Array, salt: int, step: jax.Array) -> jax.Array:
