@@ -34,7 +34,9 @@ def _filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     ordered = jnp.where(rank < k, ordered, -jnp.inf)
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < _per_row(top_p, scaled.ndim)) & (rank < k)
+    top_p = _per_row(top_p, scaled.ndim)
+    # rows without a nucleus filter keep everything, even tail tokens whose cumulative mass rounds to 1
+    keep = ((mass_before < top_p) | (top_p >= 1)) & (rank < k)
     keep = keep.at[..., 0].set(True)
     threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
