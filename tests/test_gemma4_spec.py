@@ -129,3 +129,108 @@ def test_greedy_speculative_equals_plain_greedy(models, plain, kind):
         assert result.stats.mean_acceptance_length < 1.3
     else:  # partial acceptances: rounds commit fewer tokens than they wrote to the sliding rings
         assert any(1 < a < K + 1 for row in acceptance for a in row)
+
+
+# --- sampled losslessness ------------------------------------------------------------------------------
+# The statistical check of test_spec_sampling.py, on a Gemma 4 target built with transformers: the empirical
+# distribution of the first three sampled tokens (N independent rows) against the exact distribution from
+# transformers' forward over every continuation, processed with transformers' own logits warpers.
+
+
+@pytest.fixture(scope="module")
+def sampling_setup(tmp_path_factory):
+    import torch
+    import transformers as tf
+    from test_spec_sampling import PROMPT, V
+
+    torch.manual_seed(0)
+    text = tf.Gemma4TextConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=16,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        layer_types=[SLIDING, FULL, SLIDING, FULL],
+        sliding_window=2,  # smaller than the verify block, so sampled rounds also cross the window
+        num_kv_shared_layers=2,
+        hidden_size_per_layer_input=0,
+        final_logit_softcapping=30.0,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=0,
+    )
+    hf = tf.Gemma4ForCausalLM(text).eval()
+    with torch.no_grad():  # sharper logits than the default init so the distributions are far from uniform
+        hf.model.embed_tokens.weight.mul_(6.0)
+    directory = tmp_path_factory.mktemp("gemma4_v8")
+    hf.save_pretrained(directory)
+    target = dj.load_target(directory, dtype="float32")
+    # transformers 5.24 crashes in its prompt-slicing shortcut for KV-sharing layers when a model has KV
+    # sharing but no per-layer inputs; asking for hidden states switches the shortcut off.
+    hf.config.output_hidden_states = True
+    cfg = DraftConfig(
+        **{
+            **DRAFT_CFG.__dict__,
+            "vocab_size": V,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_heads": 2,
+            "head_dim": 16,
+            "rope": target.config.rope_full,
+            "target_layer_ids": (0, 2),
+            "num_target_layers": 4,
+            "mask_token_id": V - 1,
+            "markov_rank": 8,
+        }
+    )
+    # A draft that roughly knows the target: its Markov head encodes the target's greedy successor of each
+    # token after the prompt, for 70% of the tokens, at a strength that keeps its distributions soft.
+    with torch.no_grad():
+        last = hf(torch.as_tensor([PROMPT + [x] for x in range(V)])).logits[:, -1]
+    draft = synthetic.oracle_draft(target, cfg, last.argmax(-1).numpy(), accuracy=0.7, strength=2.0, seed=4)
+    return hf, target, draft
+
+
+def test_speculative_sampling_matches_target(sampling_setup):
+    from scipy import stats as scistats
+    from test_spec_sampling import PROMPT, SETTINGS, STEPS, empirical, exact_distribution
+
+    hf, target, draft = sampling_setup
+    n = 2**14
+    rng = np.random.default_rng(0)
+    # Plain sampling with full proposals, and warped sampling with confidence-truncated proposals (the
+    # threshold logic is family-independent; test_spec_sampling.py covers every combination on Qwen3).
+    for setting, threshold in ((SETTINGS[0], 0.0), (SETTINGS[1], 0.5)):
+        exact = exact_distribution(hf, setting).reshape(-1).astype(np.float64)
+        exact /= exact.sum()
+        noise = np.mean([0.5 * np.abs(rng.multinomial(n, exact) / n - exact).sum() for _ in range(20)])
+        result = dj.generate(
+            target,
+            draft,
+            [PROMPT] * n,
+            max_new_tokens=STEPS,
+            stop_token_ids=[],
+            draft_length=3,
+            confidence_threshold=threshold,
+            seed=1 + int(10 * threshold),
+            **setting,
+        )
+        emp = empirical(result.tokens)
+        tv = 0.5 * np.abs(emp - exact).sum()
+        what = f"{setting} threshold={threshold}"
+        assert tv - noise <= 0.01, f"{what}: TV {tv:.4f} vs noise {noise:.4f}"
+        assert emp[exact == 0].sum() == 0, f"{what}: sampled a token the processed target excludes"
+        common = exact * n >= 5  # chi-square needs expected counts >= 5: pool the rare outcomes
+        observed, expected = (
+            np.append(emp[common], emp[~common].sum()) * n,
+            np.append(exact[common], exact[~common].sum()) * n,
+        )
+        keep = expected > 0
+        assert scistats.chisquare(observed[keep], expected[keep]).pvalue > 1e-4, what
+        rate = np.mean([row[0] > 0 for row in result.stats.accepted_draft_lengths])
+        assert 0.05 < rate < 0.95, f"{what}: first-draft acceptance rate {rate:.3f} makes the check vacuous"
