@@ -203,9 +203,12 @@ class Gemma4Model(nnx.Module):
         ]
 
     def init_cache(self, batch: int, capacity: int, max_block: int = 1) -> kv.KVCache:
-        """Linear caches for full layers, ring buffers for sliding layers sized for blocks of up to `max_block`
-        tokens: a verify block must still see `window` positions after a round that committed only part of the
-        previous block, whose rejected tail overwrote the oldest slots."""
+        """Linear caches for full layers; ring buffers of `W + max_block - 1` slots for sliding layers.
+
+        A block attends to the ring *before* writing itself, so its first query needs the `W - 1` positions
+        before it; but a verify block of `T <= max_block` tokens that is then committed only in part has
+        already overwritten its `T - 1` rejected slots, which the next round must not miss: `W + T - 2` slots
+        is the minimum (one fewer makes the partial-commit test fail); one slot is kept to spare."""
         return kv.allocate(batch, self.cache_shapes(capacity, max_block), self.dtype)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
