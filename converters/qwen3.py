@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dspark_jax.config import Qwen3Config
 from converters.loading import Rule
+from dspark_jax.config import Qwen3Config
 
 LAYER = "model.layers.{i}."
 

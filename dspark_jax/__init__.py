@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dspark_jax.config import DraftConfig, Qwen3Config, RopeConfig, SamplingParams
+from dspark_jax.config import DraftConfig, Gemma4Config, Qwen3Config, RopeConfig, SamplingParams
 from dspark_jax.errors import CheckpointError, ConfigError, DSparkError, InputError
 from dspark_jax.generation import GenerationResult, GenerationStats, check_pair, generate, stream
 from dspark_jax.handles import Draft, Target
@@ -46,6 +46,7 @@ __all__ = [
     "Draft",
     "DraftConfig",
     "GenerationResult",
+    "Gemma4Config",
     "GenerationStats",
     "InputError",
     "Qwen3Config",

@@ -141,7 +141,7 @@ def test_greedy_speculative_equals_plain_greedy(models, plain, kind):
 def sampling_setup(tmp_path_factory):
     import torch
     import transformers as tf
-    from test_spec_sampling import PROMPT, V
+    from spec_helpers import PROMPT, V
 
     torch.manual_seed(0)
     text = tf.Gemma4TextConfig(
@@ -198,7 +198,7 @@ def sampling_setup(tmp_path_factory):
 
 def test_speculative_sampling_matches_target(sampling_setup):
     from scipy import stats as scistats
-    from test_spec_sampling import PROMPT, SETTINGS, STEPS, empirical, exact_distribution
+    from spec_helpers import PROMPT, SETTINGS, STEPS, empirical, exact_distribution
 
     hf, target, draft = sampling_setup
     n = 2**14

@@ -1,0 +1,46 @@
+"""Shared pieces of the sampled-losslessness tests: the exact processed target distribution of the first
+STEPS generated tokens (transformers forward + transformers' own logits warpers) and empirical histograms."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+V = 8
+PROMPT = [1, 5, 2, 6]
+STEPS = 3
+SETTINGS = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)]
+
+
+def exact_distribution(hf, setting) -> np.ndarray:
+    """P(y1, y2, y3 | prompt) under the processed target distribution, as a [V, V, V] array."""
+    warpers = []
+    if setting["temperature"] != 1.0:
+        warpers.append(TemperatureLogitsWarper(setting["temperature"]))
+    if setting["top_k"]:
+        warpers.append(TopKLogitsWarper(setting["top_k"]))
+    if setting["top_p"] < 1.0:
+        warpers.append(TopPLogitsWarper(setting["top_p"]))
+    prefixes = np.array([PROMPT + [a, b] for a, b in itertools.product(range(V), range(V))])
+    with torch.no_grad():
+        logits = hf(torch.as_tensor(prefixes)).logits[:, len(PROMPT) - 1 :, :]  # [V*V, 3, V]
+    probs = []
+    for step in range(STEPS):
+        x = logits[:, step, :].clone()
+        for w in warpers:
+            x = w(torch.as_tensor(prefixes[:, : len(PROMPT) + step]), x)
+        probs.append(torch.softmax(x, dim=-1).numpy().reshape(V, V, V))
+    p1 = probs[0][0, 0]  # independent of (a, b)
+    p2 = probs[1][:, 0, :]  # [y1, y2]
+    p3 = probs[2]  # [y1, y2, y3]
+    return p1[:, None, None] * p2[:, :, None] * p3
+
+
+def empirical(tokens) -> np.ndarray:
+    counts = np.zeros(V**STEPS)
+    idx = np.array([t[0] * V * V + t[1] * V + t[2] for t in tokens])
+    np.add.at(counts, idx, 1)
+    return counts / counts.sum()
