@@ -257,6 +257,17 @@ def _finish(out, count, token_lists, max_new, stop_ids) -> tuple[list[list[int]]
     return tokens, reasons
 
 
+def _prepare(target: Target, draft: Draft | None, prompts, draft_length, row_ids, **settings):
+    """Validate a request batch. -> (K, requests, prompt token lists, static shapes, stop ids)."""
+    K = 0
+    if draft is not None:
+        check_pair(target, draft)
+        K = _draft_length(draft, draft_length)
+    req, token_lists, shapes = build_requests(target, prompts, row_ids=row_ids, extra_capacity=K, **settings)
+    stops = target.stop_token_ids if settings["stop_token_ids"] is None else settings["stop_token_ids"]
+    return K, req, token_lists, shapes, stops
+
+
 def generate(
     target: Target,
     draft: Draft | None,
@@ -280,26 +291,12 @@ def generate(
     `row_ids` (default 0..n-1) name each row's random stream: row i draws from `(seed, row_ids[i])` only.
     Returns tokens per prompt (input order, cut after the first stop token inclusive) and statistics.
     """
-    K = 0
-    if draft is not None:
-        check_pair(target, draft)
-        K = _draft_length(draft, draft_length)
-    req, token_lists, shapes = build_requests(
-        target,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_token_ids=stop_token_ids,
-        confidence_threshold=confidence_threshold,
-        row_ids=row_ids,
-        extra_capacity=K,
+    K, req, token_lists, shapes, stops = _prepare(
+        target, draft, prompts, draft_length, row_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
     )
     n = len(token_lists)
     max_new = np.asarray(req.max_new)[:n]
-    stops = target.stop_token_ids if stop_token_ids is None else stop_token_ids
     t0 = time.perf_counter()
     if draft is None:
         out, count = decode.generate_loop(target.graphdef, target.params, req, **shapes)
@@ -337,23 +334,20 @@ def stream(
     stop_token_ids: Sequence[int] | None = None,
     confidence_threshold=0.0,
     draft_length: int | None = None,
+    row_ids: Sequence[int] | None = None,
 ) -> Iterator[list[list[int]]]:
     """Yield, after prefill and after every round, the tokens each prompt gained (a list per prompt).
 
     Runs the same compiled step as `generate` from Python, one round at a time, for notebooks and UIs.
     The concatenation of what is yielded equals `generate(...).tokens` for the same arguments.
     """
-    K = 0
-    if draft is not None:
-        check_pair(target, draft)
-        K = _draft_length(draft, draft_length)
-    req, token_lists, shapes = build_requests(
-        target, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-        stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold, extra_capacity=K,
+    K, req, token_lists, shapes, stops = _prepare(
+        target, draft, prompts, draft_length, row_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
     )
     n = len(token_lists)
     max_new = np.asarray(req.max_new)[:n]
-    stops = set(int(x) for x in (target.stop_token_ids if stop_token_ids is None else stop_token_ids))
+    stops = set(int(x) for x in stops)
     if draft is None:
         state = decode.start_jit(target.graphdef, target.params, req, **shapes)
         advance = lambda s: decode.step_jit(target.graphdef, target.params, s)
