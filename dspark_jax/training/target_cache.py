@@ -242,7 +242,7 @@ def build_cache(
     hidden_dtype: str = "bfloat16",
     min_loss_tokens: int = 14,
     batch_tokens: int = 8192,
-    group: int = 64,
+    group: int = 256,
     min_length: int = 64,
     total: int | None = None,
     metadata: dict | None = None,
