@@ -20,6 +20,7 @@ from dspark_jax.config import DraftConfig
 from dspark_jax.draft.markov import ConfidenceHead, MarkovHead
 from dspark_jax.layers import params
 from dspark_jax.layers.attention import attention
+from dspark_jax.layers.linear import linear
 from dspark_jax.layers.mlp import gated_mlp
 from dspark_jax.layers.norms import rms_norm, rms_norm_fp32
 from dspark_jax.layers.rope import apply_rope, cos_sin, inverse_frequencies
@@ -57,26 +58,26 @@ class DraftAttention(nnx.Module):
 
     def keys_values(self, y: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Roped, k-normed keys and values `[B, T, G, H]` of inputs `y [B, T, D]`."""
-        k_raw = jnp.einsum("btd,dgh->btgh", y, self.k_proj[...])
+        k_raw = linear(y, self.k_proj[...])
         if self.bias:
             k_raw = k_raw + self.k_bias[...]
         k = apply_rope(self._norm(k_raw, self.k_norm[...]), cos, sin)
         if self.k_eq_v:  # Gemma 4: V is the scale-free RMS norm of the (pre-norm, un-roped) key projection
             return k, rms_norm_fp32(k_raw, None, self.eps)
-        v = jnp.einsum("btd,dgh->btgh", y, self.v_proj[...])
+        v = linear(y, self.v_proj[...])
         if self.bias:
             v = v + self.v_bias[...]
         return k, (rms_norm_fp32(v, None, self.eps) if self.gemma else v)
 
     def __call__(self, y, cos, sin, context, block_mask):
         """Block queries over `context` parts `[(k, v, mask)]` and the block's own keys (`block_mask`)."""
-        q = jnp.einsum("btd,dnh->btnh", y, self.q_proj[...])
+        q = linear(y, self.q_proj[...])
         if self.bias:
             q = q + self.q_bias[...]
         q = apply_rope(self._norm(q, self.q_norm[...]), cos, sin)
         kb, vb = self.keys_values(y, cos, sin)
         out = attention(q, [*context, (kb, vb, block_mask)], self.scale)
-        out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...])
+        out = linear(out, self.o_proj[...], in_dims=2)
         return out + self.o_bias[...] if self.bias else out
 
 

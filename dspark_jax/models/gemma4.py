@@ -26,6 +26,7 @@ from dspark_jax import cache as kv
 from dspark_jax.config import FULL, SLIDING, Gemma4Config
 from dspark_jax.layers import params
 from dspark_jax.layers.attention import attention
+from dspark_jax.layers.linear import linear
 from dspark_jax.layers.mlp import ACTIVATIONS, gated_mlp
 from dspark_jax.layers.moe import routed_experts, softmax_topk_routing
 from dspark_jax.layers.norms import rms_norm_fp32
@@ -54,14 +55,14 @@ class Gemma4Attention(nnx.Module):
         self.eps = cfg.rms_norm_eps
 
     def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...])
+        q = linear(x, self.q_proj[...])
         return apply_rope(rms_norm_fp32(q, self.q_norm[...], self.eps), cos, sin)
 
     def keys_values(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Roped, k-normed keys and scale-free-normed values `[B, T, G, H]`; with K=V the value is the
         normed *pre-k_norm, un-roped* key projection."""
-        k_raw = jnp.einsum("btd,dgh->btgh", x, self.k_proj[...])
-        v_raw = k_raw if self.k_eq_v else jnp.einsum("btd,dgh->btgh", x, self.v_proj[...])
+        k_raw = linear(x, self.k_proj[...])
+        v_raw = k_raw if self.k_eq_v else linear(x, self.v_proj[...])
         k = apply_rope(rms_norm_fp32(k_raw, self.k_norm[...], self.eps), cos, sin)
         return k, rms_norm_fp32(v_raw, None, self.eps)
 
@@ -69,7 +70,7 @@ class Gemma4Attention(nnx.Module):
         """`x [B, T, D]` over `cached = (k, v)` committed slots and the block's `fresh = (k, v)` -> `[B, T, D]`."""
         q = self.queries(x, cos, sin)
         out = attention(q, [(*cached, cached_mask), (*fresh, fresh_mask)], 1.0)
-        return jnp.einsum("btnh,nhd->btd", out, self.o_proj[...])
+        return linear(out, self.o_proj[...], in_dims=2)
 
 
 class Gemma4MLP(nnx.Module):
@@ -222,7 +223,7 @@ class Gemma4Model(nnx.Module):
         B, T = tokens.shape
         L, P = c.num_layers, c.hidden_size_per_layer_input
         token_part = jnp.take(self.embed_tokens_per_layer[...], tokens, axis=0) * _scale_in(math.sqrt(P), self.dtype)
-        context = jnp.einsum("btd,dlp->btlp", x, self.per_layer_model_projection[...]) * c.hidden_size**-0.5
+        context = linear(x, self.per_layer_model_projection[...]) * c.hidden_size**-0.5
         context = rms_norm_fp32(context, self.per_layer_projection_norm[...], c.rms_norm_eps)
         return (context + token_part.reshape(B, T, L, P)) * 2.0**-0.5
 

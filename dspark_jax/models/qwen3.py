@@ -14,6 +14,7 @@ from dspark_jax import cache as kv
 from dspark_jax.config import Qwen3Config
 from dspark_jax.layers import params
 from dspark_jax.layers.attention import attention
+from dspark_jax.layers.linear import linear
 from dspark_jax.layers.mlp import gated_mlp
 from dspark_jax.layers.moe import routed_experts, softmax_topk_routing
 from dspark_jax.layers.norms import rms_norm
@@ -41,9 +42,9 @@ class Qwen3Attention(nnx.Module):
     def __call__(self, x, cos, sin, positions, lengths, k_cache, v_cache):
         """`x [B, T, D]` at `positions [B, T]` over committed cache slots; returns output and updated K/V."""
         with jax.named_scope("qkv"):
-            q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...])
-            k = jnp.einsum("btd,dgh->btgh", x, self.k_proj[...])
-            v = jnp.einsum("btd,dgh->btgh", x, self.v_proj[...])
+            q = linear(x, self.q_proj[...])
+            k = linear(x, self.k_proj[...])
+            v = linear(x, self.v_proj[...])
             if self.bias:
                 q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
             q = apply_rope(rms_norm(q, self.q_norm[...], self.eps), cos, sin)
@@ -58,7 +59,7 @@ class Qwen3Attention(nnx.Module):
                 ],
                 self.scale,
             )
-            out = jnp.einsum("btnh,nhd->btd", out, self.o_proj[...])
+            out = linear(out, self.o_proj[...], in_dims=2)
             if self.bias:
                 out = out + self.o_bias[...]
         return out, kv.write(k_cache, k, lengths), kv.write(v_cache, v, lengths)
