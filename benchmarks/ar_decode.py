@@ -5,13 +5,20 @@ One random-weight Qwen3 (~207M parameters, untied head) is built with `dj.Target
 model gets the very same tensors (exported with our checkpoint writer's key map, loaded with
 `load_state_dict(strict=True)`). bf16 weights are the fp32 ones rounded to nearest on both sides.
 
-Decode-step time is separated from prefill by timing a long and a short generation with the same prompts
-and the same compiled program (both budgets fall in the same power-of-two bucket, so the JAX arm runs one
-program with one cache capacity): step time = (t_long - t_short) / (n_long - n_short).
+Decode-step time is separated from prefill by timing a long generation and a one-token generation (prefill
+and the first sampled token) of the same prompts: step time = (t_long - t_short) / (n_long - n_short). Using
+the whole long run keeps the estimate robust on a loaded machine (the subtracted prefill is small). The JAX
+short run is its own compiled program with a smaller cache (the prompt plus 17 slots instead of 65), which
+changes the prefill's cost by the attention over those extra masked slots only.
 
-Roofline fraction at batch 1 = (weight bytes read per step / step time) / memory bandwidth, the bandwidth
-measured in the same run (`dspark_jax.bench.memory_bandwidth`, before and after the arms). Weight bytes per
-step are all parameters except the embedding table (a step gathers B of its rows).
+Roofline fraction = (weight bytes read per step / step time) / memory bandwidth. The bandwidth probes
+(`dspark_jax.bench.bandwidth_probes`: a 1 GiB fp32 array summed by JAX and numpy, multiplied by a vector in
+JAX, copied by numpy) are arms of the same interleaved repetitions, so they see the same machine load; the
+bound is the best probe of each repetition. Weight bytes per step are all parameters except the embedding
+table (a step gathers B of its rows).
+
+Every quoted number is the median over repetitions of a per-repetition value (step times, ratios, roofline
+fractions), each computed from arms timed next to each other, which cancels most load drift between repetitions.
 
     python benchmarks/ar_decode.py                       # fp32 and bf16, batch 1 and 8
     python benchmarks/ar_decode.py --dtypes float32 --repetitions 5
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,8 +57,8 @@ CONFIG = Qwen3Config(
     max_position_embeddings=4096,
 )
 
-# Per dtype: (long, short) token budgets; both in the same power-of-two bucket (one compiled program).
-BUDGETS = {"float32": (128, 65), "bfloat16": (32, 17)}
+# Per dtype: (long, short) new-token budgets; the short run is prefill plus the first token.
+BUDGETS = {"float32": (64, 1), "bfloat16": (32, 1)}
 
 
 def log(msg: str) -> None:
@@ -98,50 +106,89 @@ def jax_arm(target, prompts, n):
     return lambda: dj.generate(target, None, prompts, max_new_tokens=n)
 
 
-def hf_arm(model, prompts, n):
+def jax_compile_seconds(target, prompts, n) -> float:
+    """Ahead-of-time compile time of the program `dj.generate(target, None, prompts, max_new_tokens=n)` runs."""
+    from dspark_jax import decode, generation
+
+    req, _, shapes = generation.build_requests(target, prompts, max_new_tokens=n, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                                               stop_token_ids=None, confidence_threshold=0.0)
+    return bench.compile_seconds(decode.generate_loop, target.graphdef, target.params, req, **shapes)
+
+
+def hf_arm(model, prompts, n, threads: int | None = None):
+    """transformers greedy `generate` of exactly `n` new tokens, with `threads` torch threads (None: torch's default)."""
     import torch
 
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
 
     def call():
-        with torch.inference_mode():
-            return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        default = torch.get_num_threads()
+        torch.set_num_threads(threads or default)
+        try:
+            with torch.inference_mode():
+                return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        finally:
+            torch.set_num_threads(default)
 
     return call
 
 
-def run_dtype(target: dj.Target, hf, dtype: str, batch_sizes, prompt_len: int, repetitions: int, seed: int) -> list[dict]:
+# Sides of the comparison: dspark_jax, transformers with torch's default threads, transformers with one thread
+# (on an oversubscribed machine torch's OpenMP barriers can make the default far slower; the faster of the two
+# transformers configurations is the peer).
+SIDES = ("jax", "hf", "hf1")
+
+
+def run_dtype(target: dj.Target, hf, dtype: str, batch_sizes, prompt_len: int, repetitions: int, seed: int, probes) -> list[dict]:
     n_long, n_short = BUDGETS[dtype]
     rng = np.random.default_rng(seed)
+    weight_bytes = (target.num_params - CONFIG.vocab_size * CONFIG.hidden_size) * target.dtype.itemsize
     rows = []
     for B in batch_sizes:
         prompts = rng.integers(0, CONFIG.vocab_size, (B, prompt_len)).tolist()
-
         log(f"[{dtype}] batch {B}: long {n_long} / short {n_short} new tokens, {repetitions} repetitions")
-        arms = {"jax_long": jax_arm(target, prompts, n_long), "hf_long": hf_arm(hf, prompts, n_long),
-                "jax_short": jax_arm(target, prompts, n_short), "hf_short": hf_arm(hf, prompts, n_short)}
+        compile_s = jax_compile_seconds(target, prompts, n_long)
+        arms = {}
+        for n, which in ((n_long, "long"), (n_short, "short")):
+            arms |= {f"jax_{which}": jax_arm(target, prompts, n), f"hf_{which}": hf_arm(hf, prompts, n),
+                     f"hf1_{which}": hf_arm(hf, prompts, n, threads=1)}
+        arms |= {f"bw_{name}": fn for name, (fn, _) in probes.items()}
         t = bench.interleave(arms, repetitions, log=log)
         jax_tokens = t["jax_long"].result.tokens
         hf_tokens = t["hf_long"].result[:, prompt_len:].tolist()
         assert all(len(r) == n_long for r in jax_tokens) and all(len(r) == n_long for r in hf_tokens)
         agree = [common_prefix(x, y) for x, y in zip(jax_tokens, hf_tokens, strict=True)]
 
-        row = {"dtype": dtype, "batch": B, "prompt_len": prompt_len, "new_tokens_long": n_long, "new_tokens_short": n_short}
-        for side in ("jax", "hf"):
-            s = (t[f"{side}_long"].median_s - t[f"{side}_short"].median_s) / (n_long - n_short)
-            row[f"{side}_step_s"] = s
-            row[f"{side}_decode_tok_s"] = B / s
+        reps = range(repetitions)
+        step = {side: [(t[f"{side}_long"].times_s[i] - t[f"{side}_short"].times_s[i]) / (n_long - n_short) for i in reps]
+                for side in SIDES}
+        gbs = {name: [moved / t[f"bw_{name}"].times_s[i] / 1e9 for i in reps] for name, (_, moved) in probes.items()}
+        best = [max(gbs[name][i] for name in gbs) for i in reps]
+        peer = [min(step["hf"][i], step["hf1"][i]) for i in reps]
+        med = statistics.median
+        row = {"dtype": dtype, "batch": B, "prompt_len": prompt_len, "new_tokens_long": n_long, "new_tokens_short": n_short,
+               "weight_bytes_per_step": weight_bytes, "jax_compile_s": compile_s,
+               "jax_first_call_minus_median_s": t["jax_long"].compile_s, "greedy_tokens_equal_prefix": agree}
+        for side in SIDES:
+            row[f"{side}_step_s"] = med(step[side])
+            row[f"{side}_decode_tok_s"] = B / med(step[side])
             row[f"{side}_end_to_end_tok_s"] = B * n_long / t[f"{side}_long"].median_s
-            row[f"{side}_prefill_s"] = t[f"{side}_long"].median_s - s * (n_long - 1)
-            row[f"{side}_timings"] = {k.split("_", 1)[1]: t[k].summary() for k in arms if k.startswith(side)}
-        row["jax_compile_s"] = t["jax_long"].compile_s
-        row["decode_ratio_jax_over_hf"] = row["jax_decode_tok_s"] / row["hf_decode_tok_s"]
-        row["end_to_end_ratio_jax_over_hf"] = row["jax_end_to_end_tok_s"] / row["hf_end_to_end_tok_s"]
-        row["greedy_tokens_equal_prefix"] = agree
+            row[f"{side}_timings"] = {w: t[f"{side}_{w}"].summary() for w in ("long", "short")}
+            row[f"{side}_weight_gbs"] = weight_bytes / med(step[side]) / 1e9
+            row[f"{side}_roofline_fraction"] = med([weight_bytes / step[side][i] / 1e9 / best[i] for i in reps])
+        row["jax_roofline_fraction_vs_matvec"] = med([weight_bytes / step["jax"][i] / 1e9 / gbs["jax_matvec"][i] for i in reps])
+        row["peer_decode_tok_s"] = B / med(peer)
+        row["peer_end_to_end_tok_s"] = max(row["hf_end_to_end_tok_s"], row["hf1_end_to_end_tok_s"])
+        row["decode_ratio_jax_over_hf"] = med([peer[i] / step["jax"][i] for i in reps])
+        row["end_to_end_ratio_jax_over_hf"] = med([min(t["hf_long"].times_s[i], t["hf1_long"].times_s[i]) / t["jax_long"].times_s[i]
+                                                   for i in reps])
+        row["bandwidth_gbs"] = {name: med(v) for name, v in gbs.items()} | {"best": med(best)}
+        row["bandwidth_gbs_per_repetition"] = gbs
         rows.append(row)
-        log(f"  jax {row['jax_decode_tok_s']:.1f} tok/s/step-decode, hf {row['hf_decode_tok_s']:.1f}; "
-            f"ratio {row['decode_ratio_jax_over_hf']:.2f}; greedy agreement {agree}")
+        log(f"  decode tok/s: jax {row['jax_decode_tok_s']:.1f}, hf {row['hf_decode_tok_s']:.1f}, hf 1 thread "
+            f"{row['hf1_decode_tok_s']:.1f}; ratio {row['decode_ratio_jax_over_hf']:.2f}; roofline {row['jax_roofline_fraction']:.2f} "
+            f"(best bandwidth {row['bandwidth_gbs']['best']:.1f} GB/s); greedy agreement {agree}")
     return rows
 
 
@@ -150,7 +197,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--repetitions", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -162,68 +209,56 @@ def main(argv=None) -> int:
             "repetitions": args.repetitions, "prompt_len": args.prompt_len, "temperature": 0.0, "budgets": BUDGETS,
             "prompts": f"uniform random token ids (seed {args.seed}), all rows the same length"}
     log(f"machine: {meta['machine']['cpu_model']} x{meta['machine']['cpu_cores']}, load {meta['machine']['load_average']}")
-    bandwidth_before = bench.memory_bandwidth()
-    log(f"bandwidth before: {bandwidth_before}")
+    probes = bench.bandwidth_probes()
+    meta["bandwidth_probe_bytes"] = {name: moved for name, (_, moved) in probes.items()}
 
     base = dj.Target.random(CONFIG, dtype="float32", seed=args.seed)
-    embed_params = CONFIG.vocab_size * CONFIG.hidden_size
     meta["num_params"] = base.num_params
     rows = []
     for dtype in dtypes:
         target = base if dtype == "float32" else cast_target(base, dtype)
         hf = torch_model(base, dtype)
-        hf_params = sum(p.numel() for p in hf.parameters())
-        assert hf_params == base.num_params, (hf_params, base.num_params)
-        itemsize = target.dtype.itemsize
-        weight_bytes = (base.num_params - embed_params) * itemsize
-        for row in run_dtype(target, hf, dtype, batch_sizes, args.prompt_len, args.repetitions, args.seed):
-            row["weight_bytes_per_step"] = weight_bytes
-            rows.append(row)
+        assert sum(p.numel() for p in hf.parameters()) == base.num_params
+        rows += run_dtype(target, hf, dtype, batch_sizes, args.prompt_len, args.repetitions, args.seed, probes)
         del hf, target
-
-    bandwidth_after = bench.memory_bandwidth()
-    log(f"bandwidth after: {bandwidth_after}")
-    bound = max(bandwidth_before["best_gbs"], bandwidth_after["best_gbs"])
-    matvec = max(bandwidth_before["jax_matvec_gbs"], bandwidth_after["jax_matvec_gbs"])
-    for row in rows:
-        for side in ("jax", "hf"):
-            achieved = row["weight_bytes_per_step"] / row[f"{side}_step_s"] / 1e9
-            row[f"{side}_weight_gbs"] = achieved
-            row[f"{side}_roofline_fraction"] = achieved / bound
-            row[f"{side}_roofline_fraction_vs_matvec"] = achieved / matvec
+    meta["load_average_end"] = list(os.getloadavg())
 
     table = bench.Table(
         "AR decode: dspark_jax vs transformers (same weights, same prompts, interleaved)",
-        ["dtype", "batch", "JAX decode tok/s", "HF decode tok/s", "decode ratio", "JAX e2e tok/s", "HF e2e tok/s",
-         "e2e ratio", "JAX step ms", "HF step ms", "JAX weight GB/s", "JAX roofline", "HF roofline", "JAX compile s",
-         "greedy agree"],
-        [[r["dtype"], r["batch"], r["jax_decode_tok_s"], r["hf_decode_tok_s"], r["decode_ratio_jax_over_hf"],
-          r["jax_end_to_end_tok_s"], r["hf_end_to_end_tok_s"], r["end_to_end_ratio_jax_over_hf"], 1e3 * r["jax_step_s"],
-          1e3 * r["hf_step_s"], r["jax_weight_gbs"], r["jax_roofline_fraction"], r["hf_roofline_fraction"], r["jax_compile_s"],
-          f"{sum(x == r['new_tokens_long'] for x in r['greedy_tokens_equal_prefix'])}/{r['batch']}"] for r in rows],
-        note=("decode = per-step time from (t_long - t_short) / (n_long - n_short); e2e = n_long new tokens incl. prefill; "
-              "roofline = (non-embedding weight bytes / step time) / best measured bandwidth "
-              f"({bench.rounded(bound)} GB/s; JAX fp32 matvec {bench.rounded(matvec)} GB/s); "
-              "greedy agree = rows whose n_long greedy tokens are identical in both libraries."),
+        ["dtype", "batch", "JAX decode tok/s", "HF decode tok/s", "HF 1-thread decode tok/s", "decode ratio", "JAX e2e tok/s",
+         "HF best e2e tok/s", "e2e ratio", "JAX step ms", "JAX weight GB/s", "best bandwidth GB/s", "JAX roofline",
+         "JAX roofline vs matvec", "HF roofline", "HF 1-thread roofline", "JAX compile s", "greedy agree"],
+        [[r["dtype"], r["batch"], r["jax_decode_tok_s"], r["hf_decode_tok_s"], r["hf1_decode_tok_s"], r["decode_ratio_jax_over_hf"],
+          r["jax_end_to_end_tok_s"], r["peer_end_to_end_tok_s"], r["end_to_end_ratio_jax_over_hf"], 1e3 * r["jax_step_s"],
+          r["jax_weight_gbs"], r["bandwidth_gbs"]["best"], r["jax_roofline_fraction"], r["jax_roofline_fraction_vs_matvec"],
+          r["hf_roofline_fraction"], r["hf1_roofline_fraction"], r["jax_compile_s"],
+          f"{sum(x == r['new_tokens_long'] for x in r['greedy_tokens_equal_prefix'])}/{r['batch']}"]
+         for r in rows],
+        note=("medians over repetitions of per-repetition values. decode = per-step time (t_long - t_short) / (n_long - n_short), "
+              "the short run being prefill + 1 token; e2e = n_long new tokens incl. prefill; ratios are JAX over the faster "
+              f"transformers configuration of each repetition (torch default {torch.get_num_threads()} threads, or 1 thread); "
+              "roofline = (non-embedding weight bytes / step time) / best bandwidth probe of the same repetition; 'vs matvec' uses "
+              "the JAX fp32 matvec probe; greedy agree = rows whose n_long greedy tokens are identical in both libraries."),
     )
     bw_table = bench.Table(
-        "Memory bandwidth measured in the same run (GB/s)",
-        ["when", "JAX sum", "numpy sum", "JAX fp32 matvec", "numpy copy (r+w)", "best"],
-        [[w, b["jax_sum_gbs"], b["numpy_sum_gbs"], b["jax_matvec_gbs"], b["numpy_copy_gbs"], b["best_gbs"]]
-         for w, b in (("before", bandwidth_before), ("after", bandwidth_after))],
+        "Memory bandwidth probes, interleaved with the arms (GB/s, median per section)",
+        ["dtype", "batch", "JAX sum", "numpy sum", "JAX fp32 matvec", "numpy copy (r+w)", "best"],
+        [[r["dtype"], r["batch"]] + [r["bandwidth_gbs"][k] for k in ("jax_sum", "numpy_sum", "jax_matvec", "numpy_copy", "best")]
+         for r in rows],
     )
-    meta["bandwidth"] = {"before": bandwidth_before, "after": bandwidth_after, "bound_gbs": bound}
     figure = Path(args.out) / "ar_decode.png"
     bench.bar_plot(figure, [f"{r['dtype']} B={r['batch']}" for r in rows],
-                   {"dspark_jax": [r["jax_decode_tok_s"] for r in rows], "transformers": [r["hf_decode_tok_s"] for r in rows]},
+                   {"dspark_jax": [r["jax_decode_tok_s"] for r in rows], "transformers": [r["hf_decode_tok_s"] for r in rows],
+                    "transformers, 1 thread": [r["hf1_decode_tok_s"] for r in rows]},
                    ylabel="decode tokens/s", title=f"AR decode, {base.num_params / 1e6:.0f}M-param Qwen3")
     json_path, md_path = bench.write_report(
         args.out, "ar_decode", title="Autoregressive decode: dspark_jax vs transformers", tables=[table, bw_table],
         meta=meta, data={"rows": rows}, figures=[figure],
         intro=f"{base.num_params / 1e6:.1f}M-parameter random Qwen3, {meta['machine']['cpu_model']} "
-              f"({meta['machine']['cpu_cores']} cores), jax {meta['machine']['versions']['jax']}, "
+              f"({meta['machine']['cpu_cores']} cores, load average {meta['machine']['load_average'][0]:.1f} at start, "
+              f"{meta['load_average_end'][0]:.1f} at end), jax {meta['machine']['versions']['jax']}, "
               f"torch {meta['machine']['versions']['torch']}, transformers {meta['machine']['versions']['transformers']}; "
-              f"median of {args.repetitions} interleaved repetitions; greedy.",
+              f"{args.repetitions} interleaved repetitions; greedy.",
     )
     print(md_path.read_text())
     return 0

@@ -96,6 +96,16 @@ def interleave(arms: dict[str, Callable[[], Any]], repetitions: int, *, log: Cal
     return timings
 
 
+def compile_seconds(jitted: Callable, *args, **kwargs) -> float:
+    """Wall time to lower and compile `jitted` for these arguments (ahead of time, nothing is run).
+
+    On a loaded machine this is steadier than "first call minus a steady call", which mixes in run-time noise.
+    """
+    t0 = time.perf_counter()
+    jitted.lower(*args, **kwargs).compile()
+    return time.perf_counter() - t0
+
+
 # ------------------------------------------------------------------------------------------- environment
 
 
@@ -132,13 +142,13 @@ def machine() -> dict:
     }
 
 
-def memory_bandwidth(nbytes: int = 1 << 30, repetitions: int = 5) -> dict:
-    """Streaming bandwidth of host memory in GB/s (1e9 bytes/s), median of `repetitions`.
+def bandwidth_probes(nbytes: int = 1 << 30) -> dict[str, tuple[Callable[[], Any], int]]:
+    """Streaming probes of host memory: name -> (zero-argument callable, bytes it moves).
 
     `jax_sum` / `numpy_sum` read an fp32 array of `nbytes` once (a read-only stream); `jax_matvec` reads it
     as a `[n / 8192, 8192]` fp32 matrix times a vector, the access pattern of a memory-bound decode step;
-    `numpy_copy` counts the bytes read plus the bytes written. `best_gbs` is the highest of them: the most
-    demanding bound. Pick `nbytes` well above the last-level cache.
+    `numpy_copy` moves the bytes read plus the bytes written. Pick `nbytes` well above the last-level cache.
+    The callables can join the arms of `interleave`, so the bandwidth is measured under the same load.
     """
     n = (nbytes // 4) // 8192 * 8192
     host = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
@@ -146,24 +156,24 @@ def memory_bandwidth(nbytes: int = 1 << 30, repetitions: int = 5) -> dict:
     total = jax.jit(jnp.sum)
     matvec = jax.jit(lambda w, x: w @ x)
     matrix, vector = dev.reshape(n // 8192, 8192), jnp.ones((8192,), jnp.float32)
-    jax.block_until_ready((total(dev), matvec(matrix, vector)))
     dst = np.empty_like(host)
-
-    def rate(fn, moved):
-        times = []
-        for _ in range(repetitions):
-            t, _ = _timed(fn)
-            times.append(t)
-        return moved / statistics.median(times) / 1e9
-
-    out = {
-        "bytes": n * 4,
-        "repetitions": repetitions,
-        "jax_sum_gbs": rate(lambda: total(dev), n * 4),
-        "numpy_sum_gbs": rate(lambda: host.sum(), n * 4),
-        "jax_matvec_gbs": rate(lambda: matvec(matrix, vector), n * 4),
-        "numpy_copy_gbs": rate(lambda: np.copyto(dst, host), 2 * n * 4),
+    return {
+        "jax_sum": (lambda: total(dev), n * 4),
+        "numpy_sum": (lambda: host.sum(), n * 4),
+        "jax_matvec": (lambda: matvec(matrix, vector), n * 4),
+        "numpy_copy": (lambda: np.copyto(dst, host), 2 * n * 4),
     }
+
+
+def memory_bandwidth(nbytes: int = 1 << 30, repetitions: int = 5) -> dict:
+    """Streaming bandwidth of host memory in GB/s (1e9 bytes/s) from `bandwidth_probes`, median of `repetitions`.
+
+    `best_gbs` is the highest of the probes: the most demanding bound.
+    """
+    probes = bandwidth_probes(nbytes)
+    t = interleave({name: fn for name, (fn, _) in probes.items()}, repetitions)
+    out = {"bytes": probes["jax_sum"][1], "repetitions": repetitions}
+    out |= {f"{name}_gbs": moved / t[name].median_s / 1e9 for name, (_, moved) in probes.items()}
     out["best_gbs"] = max(v for k, v in out.items() if k.endswith("_gbs"))
     return out
 
