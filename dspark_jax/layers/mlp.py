@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.layers import params
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -16,3 +19,16 @@ def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, act
     g = jnp.einsum("btd,df->btf", x, gate)
     u = jnp.einsum("btd,df->btf", x, up)
     return jnp.einsum("btf,fd->btd", ACTIVATIONS[act](g) * u, down)
+
+
+class GatedMLP(nnx.Module):
+    """Parameters `gate_proj, up_proj [D, F]`, `down_proj [F, D]` of a gated MLP with activation `act`."""
+
+    def __init__(self, D: int, F: int, act: str, dtype, rngs: nnx.Rngs):
+        self.gate_proj = params.normal(rngs, (D, F), ("embed", "mlp"), dtype)
+        self.up_proj = params.normal(rngs, (D, F), ("embed", "mlp"), dtype)
+        self.down_proj = params.normal(rngs, (F, D), ("mlp", "embed"), dtype)
+        self.act = act
+
+    def __call__(self, x):
+        return gated_mlp(x, self.gate_proj[...], self.up_proj[...], self.down_proj[...], self.act)

@@ -27,7 +27,7 @@ from dspark_jax.config import FULL, SLIDING, Gemma4Config
 from dspark_jax.layers import params
 from dspark_jax.layers.attention import attention
 from dspark_jax.layers.linear import linear
-from dspark_jax.layers.mlp import ACTIVATIONS, gated_mlp
+from dspark_jax.layers.mlp import ACTIVATIONS, GatedMLP
 from dspark_jax.layers.moe import routed_experts, softmax_topk_routing
 from dspark_jax.layers.norms import rms_norm_fp32
 from dspark_jax.layers.rope import apply_rope, cos_sin, inverse_frequencies
@@ -73,17 +73,6 @@ class Gemma4Attention(nnx.Module):
         return linear(out, self.o_proj[...], in_dims=2)
 
 
-class Gemma4MLP(nnx.Module):
-    def __init__(self, D: int, F: int, act: str, dtype, rngs: nnx.Rngs):
-        self.gate_proj = params.normal(rngs, (D, F), ("embed", "mlp"), dtype)
-        self.up_proj = params.normal(rngs, (D, F), ("embed", "mlp"), dtype)
-        self.down_proj = params.normal(rngs, (F, D), ("mlp", "embed"), dtype)
-        self.act = act
-
-    def __call__(self, x):
-        return gated_mlp(x, self.gate_proj[...], self.up_proj[...], self.down_proj[...], self.act)
-
-
 class Gemma4Router(nnx.Module):
     """Softmax top-k over E experts of `proj(rms_norm_noscale(x) * scale / sqrt(D))`, renormalised, times
     each chosen expert's learned scale."""
@@ -119,7 +108,7 @@ class Gemma4Layer(nnx.Module):
     def __init__(self, cfg: Gemma4Config, layer: int, dtype, rngs: nnx.Rngs):
         D, P = cfg.hidden_size, cfg.hidden_size_per_layer_input
         self.self_attn = Gemma4Attention(cfg, layer, dtype, rngs)
-        self.mlp = Gemma4MLP(D, cfg.layer_intermediate_size(layer), cfg.activation, dtype, rngs)
+        self.mlp = GatedMLP(D, cfg.layer_intermediate_size(layer), cfg.activation, dtype, rngs)
         for name in (
             "input_layernorm",
             "post_attention_layernorm",

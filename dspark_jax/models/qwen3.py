@@ -15,7 +15,7 @@ from dspark_jax.config import Qwen3Config
 from dspark_jax.layers import params
 from dspark_jax.layers.attention import attention
 from dspark_jax.layers.linear import linear
-from dspark_jax.layers.mlp import gated_mlp
+from dspark_jax.layers.mlp import GatedMLP
 from dspark_jax.layers.moe import routed_experts, softmax_topk_routing
 from dspark_jax.layers.norms import rms_norm
 from dspark_jax.layers.rope import apply_rope, cos_sin, inverse_frequencies
@@ -65,16 +65,6 @@ class Qwen3Attention(nnx.Module):
         return out, kv.write(k_cache, k, lengths), kv.write(v_cache, v, lengths)
 
 
-class Qwen3MLP(nnx.Module):
-    def __init__(self, D: int, F: int, dtype, rngs: nnx.Rngs):
-        self.gate_proj = params.normal(rngs, (D, F), ("embed", "mlp"), dtype)
-        self.up_proj = params.normal(rngs, (D, F), ("embed", "mlp"), dtype)
-        self.down_proj = params.normal(rngs, (F, D), ("mlp", "embed"), dtype)
-
-    def __call__(self, x):
-        return gated_mlp(x, self.gate_proj[...], self.up_proj[...], self.down_proj[...], "silu")
-
-
 class Qwen3MoE(nnx.Module):
     def __init__(self, cfg: Qwen3Config, dtype, rngs: nnx.Rngs):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
@@ -102,7 +92,7 @@ class Qwen3Layer(nnx.Module):
         self.post_attention_layernorm = params.ones((D,), ("embed",), dtype)
         self.self_attn = Qwen3Attention(cfg, dtype, rngs)
         sparse = bool(cfg.moe_layers) and cfg.moe_layers[index]
-        self.mlp = Qwen3MoE(cfg, dtype, rngs) if sparse else Qwen3MLP(D, cfg.intermediate_size, dtype, rngs)
+        self.mlp = Qwen3MoE(cfg, dtype, rngs) if sparse else GatedMLP(D, cfg.intermediate_size, "silu", dtype, rngs)
         self.eps = cfg.rms_norm_eps
 
     def __call__(self, x, cos, sin, positions, lengths, k_cache, v_cache):
