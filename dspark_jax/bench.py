@@ -391,6 +391,7 @@ def inflate_target(target, megabytes: float, *, seed: int = 0):
     from dspark_jax.config import Qwen3Config
     from dspark_jax.errors import ConfigError
     from dspark_jax.handles import Target
+    from dspark_jax.models import model_class
 
     cfg = target.config
     if not isinstance(cfg, Qwen3Config) or cfg.is_moe:
@@ -399,14 +400,22 @@ def inflate_target(target, megabytes: float, *, seed: int = 0):
     layer_bytes = sum(v.get_value().nbytes for p, v in flat.items() if p[0] == "layers" and p[1] == 0)
     extra = max(1, math.ceil(megabytes * 1e6 / layer_bytes))
     L = cfg.num_layers
-    big = Target.random(dataclasses.replace(cfg, num_layers=L + extra), dtype=target.dtype, seed=seed,
-                        stop_token_ids=target.stop_token_ids)
-    for path, var in nnx.to_flat_state(big.params):
+    big_cfg = dataclasses.replace(cfg, num_layers=L + extra)
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: model_class(big_cfg)(big_cfg, dtype=target.dtype, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    for path, var in nnx.to_flat_state(params):
+        shape, name = var.get_value().shape, str(path[-1])
         if path[0] != "layers" or path[1] < L:
-            var.set_value(flat[path].get_value())
-        elif path[-1] in ("o_proj", "down_proj"):
-            var.set_value(jnp.zeros_like(var.get_value()))
-    return dataclasses.replace(big, directory=target.directory)
+            value = flat[path].get_value()
+        elif name in ("o_proj", "down_proj") or name.endswith("bias"):
+            value = np.zeros(shape, np.float32)
+        elif "norm" in name:
+            value = np.ones(shape, np.float32)
+        else:  # N(0, 0.02) like `Target.random`, drawn on the host
+            value = (0.02 * rng.standard_normal(shape, dtype=np.float32))
+        var.set_value(jnp.asarray(value, target.dtype))
+    return Target(config=big_cfg, graphdef=graphdef, params=params, dtype=target.dtype, directory=target.directory,
+                  stop_token_ids=target.stop_token_ids)
 
 
 def retarget_draft(draft, target):

@@ -15,21 +15,27 @@ import pytest
 from tiny_checkpoint import build_pair
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Short prompts: with the chat template all fit one prompt-length bucket, so the run compiles few programs.
 SETS = {
-    "math": ["Janet has 16 eggs and sells the rest at the market for $2 each. How much does she make?",
+    "math": ["Janet has 16 eggs and sells the rest at the market for $2 each.",
              "Please reason step by step, and put your final answer within \\boxed{}."],
     "code": ["Write a python function to find the volume of a triangular prism.", "def fibonacci(n):"],
 }
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    return root, *build_pair(root)
+
+
+@pytest.fixture(scope="module")
+def report(pair):
     import dspark_jax as dj
     from converters.draft import export_draft
     from dspark_jax import cli, synthetic
 
-    root = tmp_path_factory.mktemp("bench")
-    target_dir, draft_dir = build_pair(root)
+    root, target_dir, draft_dir = pair
     target = dj.load_target(target_dir, dtype="float32")
     dflash_cfg = synthetic.draft_config_for(target.config, block_size=4, markov_rank=0, confidence=False)
     dflash_dir = export_draft(synthetic.random_draft(target, dflash_cfg, seed=3), root / "dflash", dtype="float32",
@@ -116,22 +122,26 @@ def test_report_numbers_are_consistent(report):
         assert key in data["meta"]["machine"]
 
 
-def test_inflated_target_keeps_outputs_and_adds_cost():
+def test_inflated_target_keeps_outputs_and_adds_cost(pair):
+    import functools
+
+    import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     import dspark_jax as dj
     from dspark_jax import bench
-    from dspark_jax.config import Qwen3Config
 
-    cfg = Qwen3Config(model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=8)
-    target = dj.Target.random(cfg, seed=1)
-    big = bench.inflate_target(target, 0.05)
-    assert big.config.num_layers > cfg.num_layers and big.param_bytes - target.param_bytes >= 0.05e6
+    target = dj.load_target(pair[1], dtype="float32")
+    big = bench.inflate_target(target, 0.2)
+    assert big.config.num_layers > target.config.num_layers and big.param_bytes - target.param_bytes >= 0.2e6
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def forward(graphdef, params, tokens):
+        m = nnx.merge(graphdef, params)
+        hidden, _, feats = m(tokens, jnp.zeros(1, jnp.int32), m.init_cache(1, 8), capture=(0, 1, 2))
+        return m.logits(hidden), feats
+
     tokens = jnp.array([[3, 1, 4, 1, 5, 9]])
-    outs = []
-    for t in (target, big):
-        m = t.module
-        hidden, _, feats = m(tokens, jnp.zeros(1, jnp.int32), m.init_cache(1, 8), capture=(0, 1))
-        outs.append((m.logits(hidden), feats))
-    assert bool(jnp.all(outs[0][0] == outs[1][0])) and bool(jnp.all(outs[0][1] == outs[1][1]))
+    (logits, feats), (big_logits, big_feats) = (forward(t.graphdef, t.params, tokens) for t in (target, big))
+    assert bool(jnp.all(logits == big_logits)) and bool(jnp.all(feats == big_feats))

@@ -231,6 +231,9 @@ def run(args) -> int:
         if dflash_dir is None:
             log(f"no built-in DFlash draft at {assets.DFLASH_DRAFT}: skipping the DFlash arm")
 
+    for flag, given, path in (("--target", args.target, target_dir), ("--draft", args.draft, draft_dir)):
+        if given is None and not path.is_dir():
+            raise InputError(f"the built-in trained pair is not installed ({path} is missing); pass {flag} DIR")
     target = dj.load_target(target_dir, dtype=dtype)
     drafts = {"DSpark": dj.load_draft(draft_dir, dtype=dtype)}
     if dflash_dir is not None:
