@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 
 import dspark_jax as dj  # noqa: E402
 from dspark_jax import assets, bench  # noqa: E402
-from dspark_jax.commands.bench import _acceptance, default_prompt_dir  # noqa: E402
-from dspark_jax.training.corpus import read_prompt_set  # noqa: E402
+from dspark_jax.commands.bench import _acceptance  # noqa: E402
+from dspark_jax.training.corpus import default_prompt_dir, read_prompt_set  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BAR_TAU_RATIO = 1.10

@@ -12,17 +12,10 @@ Writes `report.md`, `report.json` (the same numbers plus everything measured) an
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 PROMPT_SETS = ("gsm8k", "humaneval", "mbpp", "mt-bench")
-
-
-def default_prompt_dir() -> Path:
-    """`$DSPARK_JAX_PROMPTS`, else the project's shared prompt sets next to the repository."""
-    env = os.environ.get("DSPARK_JAX_PROMPTS")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "prompts"
 
 
 def _int_list(text: str) -> list[int]:
@@ -81,6 +74,8 @@ def _prompt_files(args) -> list[Path]:
         if missing:
             raise InputError(f"--prompts: {', '.join(missing)} not found; pass prompt-set JSONL files")
         return files
+    from dspark_jax.training.corpus import default_prompt_dir
+
     directory = default_prompt_dir()
     files = [directory / f"{name}.jsonl" for name in PROMPT_SETS if (directory / f"{name}.jsonl").is_file()]
     if not files:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import sysconfig
 import textwrap
 import zlib
@@ -18,6 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dspark_jax.errors import InputError
+
+
+def default_prompt_dir() -> Path:
+    """`$DSPARK_JAX_PROMPTS`, else the project's shared prompt sets next to the repository checkout."""
+    env = os.environ.get("DSPARK_JAX_PROMPTS")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "prompts"
 
 EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}
 

@@ -42,7 +42,7 @@ from dspark_jax.training import bpe, corpus, lm
 class FixtureConfig:
     output_dir: str = "runs/fixture"
     seed: int = 0
-    prompts_dir: str = "/work/shared/data/prompts"
+    prompts_dir: str = ""  # empty: $DSPARK_JAX_PROMPTS, else ../shared/data/prompts next to the repository
     heldout_percent: int = 5
     test_per_set: dict = dataclasses.field(default_factory=lambda: {"gsm8k": 64, "humaneval": 32, "mbpp": 32, "mt-bench": 16})
     dev_per_set: dict = dataclasses.field(default_factory=lambda: {"gsm8k": 16, "humaneval": 8, "mbpp": 8, "mt-bench": 8})
@@ -145,7 +145,8 @@ class Pipeline:
         c = self.cfg
         root = corpus.stdlib_root()
         train, heldout = corpus.split_files(root, c.heldout_percent)
-        prompts = corpus.split_prompts(Path(c.prompts_dir), c.test_per_set, c.dev_per_set)
+        prompts = corpus.split_prompts(Path(c.prompts_dir) if c.prompts_dir else corpus.default_prompt_dir(), c.test_per_set,
+                                       c.dev_per_set)
         data = self.out / "data"
         data.mkdir(parents=True, exist_ok=True)
         split = {
