@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def add_arguments(parser):
     parser.add_argument("--target", required=True, help="target checkpoint directory (HF format, with tokenizer)")
@@ -29,11 +31,22 @@ def run(args) -> int:
     target = dj.load_target(args.target, dtype=args.dtype)
     tok = target.tokenizer
     total = sum(1 for _ in read_jsonl(args.data))
-    samples = (tokenize_record(tok, r, max_length=args.max_length, default_system_prompt=args.system_prompt)
-               for r in read_jsonl(args.data))
-    cache = build_cache(target, samples, args.out, target_layer_ids=layers, hidden_dtype=args.hidden_dtype,
+    truncated = 0
+
+    def samples():
+        nonlocal truncated
+        for record in read_jsonl(args.data):
+            ids, mask = tokenize_record(tok, record, max_length=sys.maxsize, default_system_prompt=args.system_prompt)
+            if len(ids) > args.max_length:
+                truncated += 1
+                ids, mask = ids[: args.max_length], mask[: args.max_length]
+            yield ids, mask
+
+    cache = build_cache(target, samples(), args.out, target_layer_ids=layers, hidden_dtype=args.hidden_dtype,
                         min_loss_tokens=args.min_loss_tokens, batch_tokens=args.batch_tokens, total=total,
                         metadata={"target_model_name_or_path": str(args.target), "source_jsonl_paths": [str(args.data)],
                                   "max_length": args.max_length})
-    print(f"wrote {len(cache)} samples ({int(cache.lengths.sum())} tokens) to {args.out}")
+    print(f"wrote {len(cache)} samples ({int(cache.lengths.sum())} tokens) to {args.out}; of {total} records, "
+          f"{total - len(cache)} dropped (fewer than --min-loss-tokens {args.min_loss_tokens} supervised tokens) and "
+          f"{truncated} truncated to --max-length {args.max_length} (this run)")
     return 0
