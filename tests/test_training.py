@@ -386,6 +386,3 @@ def test_loss_mask_covers_assistant_turns():
     assert text.startswith("<|im_start|>user\n") and mask[0] == 0
     ids2, mask2 = tokenize_record(t, {"text": "hello world"}, max_length=2)
     assert len(ids2) == 2 and mask2.tolist() == [1, 1]
-    ids3, mask3 = tokenize_record(t, {"prompt": "def add(a, b):", "completion": "\n    return a + b"}, max_length=512)
-    completion = "".join(t.decode([i], skip_special_tokens=False) for i, m in zip(ids3, mask3, strict=True) if m)
-    assert completion == "\n    return a + b" and mask3[0] == 0

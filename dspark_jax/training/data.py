@@ -1,12 +1,11 @@
 """Training samples from JSONL: chat conversations or plain text -> token ids + loss mask (reference §6.1).
 
-A record is `{"conversations": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`,
-`{"text": str}` or `{"prompt": str, "completion": str}`. Conversations are rendered with the checkpoint's chat
-template (no generation prompt), tokenised without special-token insertion and truncated to `max_length`. The loss mask is 1 on every
+A record is `{"conversations": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` or
+`{"text": str}`. Conversations are rendered with the checkpoint's chat template (no generation prompt),
+tokenised without special-token insertion and truncated to `max_length`. The loss mask is 1 on every
 assistant turn's content including its end-of-turn string: for each match of
 `header([\\s\\S]*?(?:eot|$))` the character span of the group is mapped to tokens by tokenising the text
-prefix up to the span's start and end, as the reference does. Plain text is supervised everywhere; a
-prompt/completion pair (no chat template) only on the completion's tokens.
+prefix up to the span's start and end, as the reference does. Plain text is supervised everywhere.
 """
 
 from __future__ import annotations
@@ -38,9 +37,8 @@ def read_jsonl(path) -> Iterator[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n} is not valid JSON: {e}") from e
-            if not isinstance(record, dict) or not ("conversations" in record or "text" in record or "completion" in record):
-                raise InputError(f"{path}:{n}: expected {{'conversations': [...]}}, {{'text': ...}} or {{'prompt': ..., "
-                                 f"'completion': ...}}, got {str(record)[:80]!r}")
+            if not isinstance(record, dict) or not ("conversations" in record or "text" in record):
+                raise InputError(f"{path}:{n}: expected {{'conversations': [...]}} or {{'text': ...}}, got {str(record)[:80]!r}")
             yield record
 
 
@@ -57,10 +55,6 @@ def tokenize_record(
     if "text" in record:
         ids = tokenizer.encode(str(record["text"]))[:max_length]
         return np.asarray(ids, np.int32), np.ones(len(ids), np.uint8)
-    if "completion" in record:
-        prompt, completion = tokenizer.encode(str(record.get("prompt", ""))), tokenizer.encode(str(record["completion"]))
-        mask = np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(completion), np.uint8)])
-        return np.asarray(prompt + completion, np.int32)[:max_length], mask[:max_length]
     messages = list(record["conversations"])
     if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise InputError(f"conversation must be a non-empty list of {{'role', 'content'}} messages: {str(messages)[:80]!r}")
