@@ -6,7 +6,7 @@ back (PyTorch `[out, in]` Linear weights) so a draft trained here loads in the r
 
 from __future__ import annotations
 
-from converters.loading import Rule
+from converters.loading import Rule, attention_rules
 from dspark_jax.config import DraftConfig
 
 LAYER = "layers.{i}."
@@ -31,16 +31,7 @@ def rules(cfg: DraftConfig) -> list[Rule]:
         (LAYER + "mlp.gate_proj.weight", [((*ly, "gate_proj"), "linear")]),
         (LAYER + "mlp.up_proj.weight", [((*ly, "up_proj"), "linear")]),
         (LAYER + "mlp.down_proj.weight", [((*ly, "down_proj"), "linear")]),
-        (LAYER + "self_attn.q_proj.weight", [((*at, "q_proj"), "linear")]),
-        (LAYER + "self_attn.k_proj.weight", [((*at, "k_proj"), "linear")]),
-        (LAYER + "self_attn.v_proj.weight", [((*at, "v_proj"), "linear")]),
-        (LAYER + "self_attn.o_proj.weight", [((*at, "o_proj"), "linear_in")]),
-        (LAYER + "self_attn.q_norm.weight", [((*at, "q_norm"), "copy")]),
-        (LAYER + "self_attn.k_norm.weight", [((*at, "k_norm"), "copy")]),
-        (LAYER + "self_attn.q_proj.bias", [((*at, "q_bias"), "reshape")]),
-        (LAYER + "self_attn.k_proj.bias", [((*at, "k_bias"), "reshape")]),
-        (LAYER + "self_attn.v_proj.bias", [((*at, "v_bias"), "reshape")]),
-        (LAYER + "self_attn.o_proj.bias", [((*at, "o_bias"), "copy")]),
+        *attention_rules(LAYER, at, bias=True),
         (LAYER + "pre_feedforward_layernorm.weight", [((*ly, "pre_feedforward_layernorm"), "copy")]),
         (LAYER + "post_feedforward_layernorm.weight", [((*ly, "post_feedforward_layernorm"), "copy")]),
         (LAYER + "layer_scalar", [((*ly, "layer_scalar"), "copy")]),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from converters.loading import Rule
+from converters.loading import Rule, attention_rules
 from dspark_jax.config import Gemma4Config
 from dspark_jax.errors import CheckpointError
 
@@ -35,12 +35,7 @@ def rules(cfg: Gemma4Config) -> list[Rule]:
         ("model.embed_tokens.weight", [(("embed_tokens",), "copy")]),
         ("model.norm.weight", [(("norm",), "copy")]),
         (LAYER + "layer_scalar", [((*layer, "layer_scalar"), "copy")]),
-        (LAYER + "self_attn.q_proj.weight", [((*at, "q_proj"), "linear")]),
-        (LAYER + "self_attn.k_proj.weight", [((*at, "k_proj"), "linear")]),
-        (LAYER + "self_attn.v_proj.weight", [((*at, "v_proj"), "linear")]),
-        (LAYER + "self_attn.o_proj.weight", [((*at, "o_proj"), "linear_in")]),
-        (LAYER + "self_attn.q_norm.weight", [((*at, "q_norm"), "copy")]),
-        (LAYER + "self_attn.k_norm.weight", [((*at, "k_norm"), "copy")]),
+        *attention_rules(LAYER, at, bias=False),
         (LAYER + "mlp.gate_proj.weight", [((*layer, "mlp", "gate_proj"), "linear")]),
         (LAYER + "mlp.up_proj.weight", [((*layer, "mlp", "up_proj"), "linear")]),
         (LAYER + "mlp.down_proj.weight", [((*layer, "mlp", "down_proj"), "linear")]),

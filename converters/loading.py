@@ -45,6 +45,27 @@ KINDS: dict[str, tuple[Callable, Callable]] = {
 Rule = tuple[str, list[tuple[tuple, str]]]
 
 
+def attention_rules(layer: str, at: tuple, *, bias: bool) -> list[Rule]:
+    """q/k/v/o projections and q/k norms of an attention block; `layer` is the key prefix template (ending in
+    `.`), `at` the block's parameter path. With `bias`, the optional projection biases (Qwen3 `attention_bias`)."""
+    table: list[Rule] = [
+        (layer + "self_attn.q_proj.weight", [((*at, "q_proj"), "linear")]),
+        (layer + "self_attn.k_proj.weight", [((*at, "k_proj"), "linear")]),
+        (layer + "self_attn.v_proj.weight", [((*at, "v_proj"), "linear")]),
+        (layer + "self_attn.o_proj.weight", [((*at, "o_proj"), "linear_in")]),
+        (layer + "self_attn.q_norm.weight", [((*at, "q_norm"), "copy")]),
+        (layer + "self_attn.k_norm.weight", [((*at, "k_norm"), "copy")]),
+    ]
+    if bias:
+        table += [
+            (layer + "self_attn.q_proj.bias", [((*at, "q_bias"), "reshape")]),
+            (layer + "self_attn.k_proj.bias", [((*at, "k_bias"), "reshape")]),
+            (layer + "self_attn.v_proj.bias", [((*at, "v_bias"), "reshape")]),
+            (layer + "self_attn.o_proj.bias", [((*at, "o_bias"), "copy")]),
+        ]
+    return table
+
+
 def _format_path(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from converters.loading import Rule
+from converters.loading import Rule, attention_rules
 from dspark_jax.config import Qwen3Config
 
 LAYER = "model.layers.{i}."
@@ -16,16 +16,7 @@ def rules(cfg: Qwen3Config) -> list[Rule]:
         ("model.norm.weight", [(("norm",), "copy")]),
         (LAYER + "input_layernorm.weight", [(("layers", "{i}", "input_layernorm"), "copy")]),
         (LAYER + "post_attention_layernorm.weight", [(("layers", "{i}", "post_attention_layernorm"), "copy")]),
-        (LAYER + "self_attn.q_proj.weight", [((*at, "q_proj"), "linear")]),
-        (LAYER + "self_attn.k_proj.weight", [((*at, "k_proj"), "linear")]),
-        (LAYER + "self_attn.v_proj.weight", [((*at, "v_proj"), "linear")]),
-        (LAYER + "self_attn.o_proj.weight", [((*at, "o_proj"), "linear_in")]),
-        (LAYER + "self_attn.q_norm.weight", [((*at, "q_norm"), "copy")]),
-        (LAYER + "self_attn.k_norm.weight", [((*at, "k_norm"), "copy")]),
-        (LAYER + "self_attn.q_proj.bias", [((*at, "q_bias"), "reshape")]),
-        (LAYER + "self_attn.k_proj.bias", [((*at, "k_bias"), "reshape")]),
-        (LAYER + "self_attn.v_proj.bias", [((*at, "v_bias"), "reshape")]),
-        (LAYER + "self_attn.o_proj.bias", [((*at, "o_bias"), "copy")]),
+        *attention_rules(LAYER, at, bias=True),
         (LAYER + "mlp.gate_proj.weight", [((*mlp, "gate_proj"), "linear")]),
         (LAYER + "mlp.up_proj.weight", [((*mlp, "up_proj"), "linear")]),
         (LAYER + "mlp.down_proj.weight", [((*mlp, "down_proj"), "linear")]),
