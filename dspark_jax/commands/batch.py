@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from dspark_jax.commands.common import add_model_arguments, add_sampling_arguments
+from dspark_jax.commands.common import add_model_arguments, add_sampling_arguments, resolve_dtype
 
 
 def add_arguments(parser):
@@ -65,15 +65,16 @@ def run(args) -> int:
     batch.report_bad(inputs.bad, args.input, strict=args.strict)
     if not inputs.prompts:
         raise InputError(f"{args.input} has no valid prompt lines")
-    job = batch.fingerprint(inputs, target_dir, draft_dir, args.dtype, settings)
+    dtype = resolve_dtype(args.dtype)
+    job = batch.fingerprint(inputs, target_dir, draft_dir, dtype, settings)
     with batch.AnswerFile.open(args.output, job) as answers:
         if answers.truncated_bytes:
             print(f"{args.output}: dropped a partial last line ({answers.truncated_bytes} bytes) of an interrupted run",
                   file=sys.stderr)
         target = draft = None  # not loaded when every prompt is already answered
         if batch.pending_prompts(inputs.prompts, answers):
-            target = dj.load_target(target_dir, dtype=args.dtype)
-            draft = None if draft_dir is None else dj.load_draft(draft_dir, dtype=args.dtype)
+            target = dj.load_target(target_dir, dtype=dtype)
+            draft = None if draft_dir is None else dj.load_draft(draft_dir, dtype=dtype)
             if settings.chat and not target.tokenizer.chat_template:
                 raise ConfigError(f"{target_dir} has no chat template; pass --no-chat to feed the prompts as raw text")
         summary = batch.run(

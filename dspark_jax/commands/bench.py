@@ -202,7 +202,6 @@ def _speed_plot(path, rows, draft_names, title):
 
 
 def run(args) -> int:
-    import jax
 
     import dspark_jax as dj
     from dspark_jax import assets, bench
@@ -213,7 +212,9 @@ def run(args) -> int:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.inflate_mb < 0:
         raise InputError(f"--inflate-mb must be >= 0, got {args.inflate_mb}")
-    dtype = args.dtype if args.dtype != "auto" else ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    from dspark_jax.commands.common import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype)
     files = _prompt_files(args)
     target_dir = Path(args.target) if args.target else assets.TARGET
     draft_dir = Path(args.draft) if args.draft else assets.DSPARK_DRAFT

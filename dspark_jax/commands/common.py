@@ -12,7 +12,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, draft: bool = True) 
             "--draft", default=None, help="draft checkpoint directory (default: the built-in DSpark draft; 'none' = plain AR)"
         )
         parser.add_argument("--draft-length", type=int, default=None, help="draft tokens per round K (default: block size)")
-    parser.add_argument("--dtype", default="bfloat16", help="parameter dtype: bfloat16, float16 or float32")
+    parser.add_argument("--dtype", default="auto",
+                        help="parameter dtype: bfloat16, float16, float32, or auto (float32 on CPU, where XLA has no fast bf16 "
+                             "matmul; bfloat16 on accelerators)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,12 +26,22 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confidence-threshold", type=float, default=0.0, help="0 = propose the whole block")
 
 
+def resolve_dtype(name: str) -> str:
+    """`auto` -> float32 on the CPU backend, bfloat16 elsewhere; any other name unchanged."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
 def load_models(args):
     """(target, draft or None) from `--target/--draft/--dtype`, defaulting to the built-in pair."""
     import dspark_jax as dj
 
-    target = dj.load_target(args.target, dtype=args.dtype)
+    dtype = resolve_dtype(args.dtype)
+    target = dj.load_target(args.target, dtype=dtype)
     draft_arg = getattr(args, "draft", "none")
     if draft_arg is not None and str(draft_arg).lower() == "none":
         return target, None
-    return target, dj.load_draft(draft_arg, dtype=args.dtype)
+    return target, dj.load_draft(draft_arg, dtype=dtype)
