@@ -386,3 +386,19 @@ def test_loss_mask_covers_assistant_turns():
     assert text.startswith("<|im_start|>user\n") and mask[0] == 0
     ids2, mask2 = tokenize_record(t, {"text": "hello world"}, max_length=2)
     assert len(ids2) == 2 and mask2.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_parse(name):
+    """Every recipe in configs/ is accepted by the strict parsers (an unknown key would fail the documented commands)."""
+    from dspark_jax.training.fixture import load_config
+    from dspark_jax.training.recipe import load_recipe
+
+    path = Path(__file__).parents[1] / "configs" / name
+    if name == "fixture_pair.yaml":
+        cfg = load_config(path)
+        for recipe in cfg.drafts.values():
+            assert (Path(__file__).parents[1] / recipe).is_file(), recipe
+    else:
+        recipe = load_recipe(path)
+        assert recipe.steps > 0 and recipe.draft.target_layer_ids
