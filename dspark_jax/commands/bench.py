@@ -18,24 +18,19 @@ from pathlib import Path
 PROMPT_SETS = ("gsm8k", "humaneval", "mbpp", "mt-bench")
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
+def _list_of(convert, minimum, kind):
+    """argparse `type` for comma-separated values of `convert`, each >= `minimum`."""
 
+    def parse(text: str) -> list:
+        try:
+            values = [convert(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {text!r}") from None
+        if not values or any(v < minimum for v in values):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind} >= {minimum}, got {text!r}")
+        return values
 
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 0, got {text!r}")
-    return values
+    return parse
 
 
 def add_arguments(parser):
@@ -48,8 +43,8 @@ def add_arguments(parser):
                              "../shared/data/prompts)")
     parser.add_argument("--num-prompts", type=int, default=16, help="prompts per set (the first N valid lines)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 16, 64], help="comma-separated, e.g. 1,4,16,64")
-    parser.add_argument("--temperatures", type=_float_list, default=[0.0, 1.0], help="for acceptance, e.g. 0,1")
+    parser.add_argument("--batch-sizes", type=_list_of(int, 1, "integers"), default=[1, 4, 16, 64], help="comma-separated, e.g. 1,4,16,64")
+    parser.add_argument("--temperatures", type=_list_of(float, 0, "numbers"), default=[0.0, 1.0], help="for acceptance, e.g. 0,1")
     parser.add_argument("--acceptance-batch", type=int, default=16, help="prompts per generate call in the acceptance runs")
     parser.add_argument("--draft-length", type=int, default=None, help="draft tokens per round K (default: block size)")
     parser.add_argument("--repetitions", type=int, default=3, help="timed repetitions per speed arm (median quoted)")
