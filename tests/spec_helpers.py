@@ -1,5 +1,6 @@
-"""Shared pieces of the sampled-losslessness tests: the exact processed target distribution of the first
-STEPS generated tokens (transformers forward + transformers' own logits warpers) and empirical histograms."""
+"""Shared pieces of the losslessness tests: the greedy arms (random / oracle / mixed drafts) with their plain
+greedy outputs, and for sampling the exact processed target distribution of the first STEPS generated tokens
+(transformers forward + transformers' own logits warpers) and empirical histograms."""
 
 from __future__ import annotations
 
@@ -13,6 +14,26 @@ V = 8
 PROMPT = [1, 5, 2, 6]
 STEPS = 3
 SETTINGS = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top_k=5, top_p=0.9)]
+
+
+def greedy_arms(random_target, bigram_target, draft_cfg, successor) -> dict:
+    """name -> (target, draft): a random draft on a random target (tau ~ 1), and on a bigram target following
+    `successor` an oracle draft (tau = K + 1) and one right 60% of the time (partial acceptances)."""
+    from dspark_jax import synthetic
+
+    return {
+        "random": (random_target, synthetic.random_draft(random_target, draft_cfg, seed=2)),
+        "oracle": (bigram_target, synthetic.oracle_draft(bigram_target, draft_cfg, successor)),
+        "mixed": (bigram_target, synthetic.oracle_draft(bigram_target, draft_cfg, successor, accuracy=0.6, seed=3)),
+    }
+
+
+def plain_greedy(arms: dict, prompts, max_new_tokens: int) -> dict:
+    """name -> plain (draft-free) greedy tokens of each arm's target, no stop tokens."""
+    import dspark_jax as dj
+
+    return {name: dj.generate(t, None, prompts, max_new_tokens=max_new_tokens, stop_token_ids=[]).tokens
+            for name, (t, _) in arms.items()}
 
 
 def exact_distribution(hf, setting) -> np.ndarray:

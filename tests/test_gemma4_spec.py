@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from spec_helpers import greedy_arms, plain_greedy
 
 import dspark_jax as dj
 from dspark_jax import synthetic
@@ -94,20 +95,12 @@ def bigram_target():
 
 @pytest.fixture(scope="module")
 def models():
-    rand_t, bigram_t = random_target(), bigram_target()
-    return {
-        "random": (rand_t, synthetic.random_draft(rand_t, DRAFT_CFG, seed=2)),
-        "oracle": (bigram_t, synthetic.oracle_draft(bigram_t, DRAFT_CFG, SUCCESSOR)),
-        "mixed": (bigram_t, synthetic.oracle_draft(bigram_t, DRAFT_CFG, SUCCESSOR, accuracy=0.6, seed=3)),
-    }
+    return greedy_arms(random_target(), bigram_target(), DRAFT_CFG, SUCCESSOR)
 
 
 @pytest.fixture(scope="module")
 def plain(models):
-    return {
-        name: dj.generate(t, None, PROMPTS, max_new_tokens=NEW, stop_token_ids=[]).tokens
-        for name, (t, _) in models.items()
-    }
+    return plain_greedy(models, PROMPTS, NEW)
 
 
 def test_bigram_target_follows_its_successor_map(models, plain):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from spec_helpers import greedy_arms, plain_greedy
 
 import dspark_jax as dj
 from dspark_jax import spec, synthetic
@@ -45,18 +46,12 @@ def random_target(seed=0, std=0.15):
 
 @pytest.fixture(scope="module")
 def models():
-    rand_t = random_target()
-    bigram_t = synthetic.bigram_target(CFG, successor=SUCCESSOR, seed=1)
-    return {
-        "random": (rand_t, synthetic.random_draft(rand_t, DRAFT_CFG, seed=2)),
-        "oracle": (bigram_t, synthetic.oracle_draft(bigram_t, DRAFT_CFG, SUCCESSOR)),
-        "mixed": (bigram_t, synthetic.oracle_draft(bigram_t, DRAFT_CFG, SUCCESSOR, accuracy=0.6, seed=3)),
-    }
+    return greedy_arms(random_target(), synthetic.bigram_target(CFG, successor=SUCCESSOR, seed=1), DRAFT_CFG, SUCCESSOR)
 
 
 @pytest.fixture(scope="module")
 def plain(models):
-    return {name: dj.generate(t, None, PROMPTS, max_new_tokens=NEW, stop_token_ids=[]).tokens for name, (t, _) in models.items()}
+    return plain_greedy(models, PROMPTS, NEW)
 
 
 @pytest.mark.parametrize("K", [1, 3, 7])
