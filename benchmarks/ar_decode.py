@@ -39,8 +39,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import dspark_jax as dj  # noqa: E402
-from dspark_jax import bench  # noqa: E402
-from dspark_jax.config import Qwen3Config  # noqa: E402
+from dspark_jax.models.qwen3 import Qwen3Config  # noqa: E402
+from dspark_jax.tools import bench  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -109,7 +109,7 @@ def jax_arm(target, prompts, n):
 
 def jax_compile_seconds(target, prompts, n) -> float:
     """Ahead-of-time compile time of the program `dj.generate(target, None, prompts, max_new_tokens=n)` runs."""
-    from dspark_jax import decode, generation
+    from dspark_jax.engine import decode, generation
 
     req, _, shapes = generation.build_requests(target, prompts, max_new_tokens=n, temperature=0.0, top_k=0, top_p=1.0, seed=0,
                                                stop_token_ids=None, confidence_threshold=0.0)

@@ -41,7 +41,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import dspark_jax as dj  # noqa: E402
-from dspark_jax import bench, decode, generation, spec, synthetic  # noqa: E402
+from dspark_jax.engine import decode, generation, spec  # noqa: E402
+from dspark_jax.testing import synthetic  # noqa: E402
+from dspark_jax.tools import bench  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ar_decode import CONFIG  # noqa: E402

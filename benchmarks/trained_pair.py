@@ -29,8 +29,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 import dspark_jax as dj  # noqa: E402
-from dspark_jax import assets, bench  # noqa: E402
-from dspark_jax.commands.bench import _acceptance  # noqa: E402
+from dspark_jax import assets  # noqa: E402
+from dspark_jax.tools import bench  # noqa: E402
+from dspark_jax.tools.commands.bench import _acceptance  # noqa: E402
 from dspark_jax.training.corpus import default_prompt_dir, read_prompt_set  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

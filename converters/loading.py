@@ -1,13 +1,20 @@
-"""Table-driven, strict checkpoint -> NNX parameter conversion.
+"""Table-driven, strict checkpoint -> parameter conversion.
 
-A key map is a list of `(hf_key_template, [(path_template, kind), ...])`, e.g.
-`("model.layers.{i}.self_attn.q_proj.weight", [(("layers", "{i}", "self_attn", "q_proj"), "linear")])`;
-`{name}` stands for an integer, and a `("stack", "e")` entry in a path marks a per-expert slice. Each
-checkpoint tensor must match exactly one rule; every produced parameter path must exist in the abstract model and be set exactly once; the
-source shape is derived from the destination shape and the transform kind and asserted before any data is
-moved. Tensors stream one at a time from disk, are cast to the model dtype and placed on device (sharded
-when a mesh is given). Per-expert tensors are stacked into one host buffer per parameter and placed when
-complete.
+A rule table is a list of `(checkpoint_key_template, [(path_template, kind), ...])`, e.g.
+`("model.layers.{i}.self_attn.q_proj.weight", [((LAYER, "self_attn", "q_proj"), "linear")])`. In key
+templates `{name}` stands for an integer. In path templates:
+
+* `LAYER` (first element) stands for "where HF layer `{i}` lives": a layer map (any object with `slot(i) ->
+  (path prefix, stacked index)`, `prefixes` and `layers_at(prefix) -> {stacked index: i}`, e.g.
+  `dspark_jax.layers.stack.LayerMap`) gives the parameter path prefix and the index on the stacked axis;
+* `("stack", name)` marks one more stacked axis (per-expert tensors);
+* `"{name}"` is an integer path element.
+
+Each checkpoint tensor must match exactly one rule; every produced parameter must exist in the abstract
+parameter tree and be set exactly once; the source shape is derived from the destination shape and the
+transform kind and asserted before any data is moved. Tensors stream one at a time from disk, are cast to
+the model dtype and handed to `place` (a device put, sharded or not) when complete; stacked parameters
+collect their slices in one host buffer first. Knows nothing of models: only paths, shapes and keys.
 """
 
 from __future__ import annotations
@@ -17,13 +24,11 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding
 
-from dspark_jax.errors import CheckpointError
-from dspark_jax.sharding import partition_spec
+from converters.errors import FormatError
+
+LAYER = ("layer", "i")
 
 # kind -> (expected source shape from destination shape, transform source -> destination)
 #   copy:        same shape
@@ -45,9 +50,10 @@ KINDS: dict[str, tuple[Callable, Callable]] = {
 Rule = tuple[str, list[tuple[tuple, str]]]
 
 
-def attention_rules(layer: str, at: tuple, *, bias: bool) -> list[Rule]:
-    """q/k/v/o projections and q/k norms of an attention block; `layer` is the key prefix template (ending in
-    `.`), `at` the block's parameter path. With `bias`, the optional projection biases (Qwen3 `attention_bias`)."""
+def attention_rules(layer: str, *, bias: bool) -> list[Rule]:
+    """q/k/v/o projections and q/k norms of an attention block under key prefix `layer` (ending in `.`),
+    parameters at `(LAYER, "self_attn", ...)`. With `bias`, the optional projection biases."""
+    at = (LAYER, "self_attn")
     table: list[Rule] = [
         (layer + "self_attn.q_proj.weight", [((*at, "q_proj"), "linear")]),
         (layer + "self_attn.k_proj.weight", [((*at, "k_proj"), "linear")]),
@@ -66,7 +72,7 @@ def attention_rules(layer: str, at: tuple, *, bias: bool) -> list[Rule]:
     return table
 
 
-def _format_path(path: tuple) -> str:
+def format_path(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
@@ -74,76 +80,98 @@ def _is_field(part) -> bool:
     return isinstance(part, str) and part.startswith("{") and part.endswith("}")
 
 
+def _is_stack(part) -> bool:
+    return isinstance(part, tuple) and part[0] == "stack"
+
+
 def _template_regex(template: str) -> re.Pattern:
     pieces = re.split(r"(\{\w+\})", template)
     return re.compile("".join(f"(?P<{p[1:-1]}>\\d+)" if _is_field(p) else re.escape(p) for p in pieces))
 
 
-def _resolve(template: tuple, groups: dict[str, str]) -> tuple[tuple, int | None]:
-    """Fill `{name}` fields from the matched key; a `("stack", name)` entry gives the per-expert index."""
-    out, stack = [], None
+def resolve(template: tuple, groups: dict[str, str], layer_map) -> tuple[tuple, tuple[int, ...]] | None:
+    """Parameter path and stacked indices that `template` gives for a matched key (None: no such layer)."""
+    out, stack = [], []
     for part in template:
-        if isinstance(part, tuple) and part[0] == "stack":
-            stack = int(groups[part[1]])
+        if part == LAYER:
+            slot = layer_map.slot(int(groups[LAYER[1]])) if layer_map is not None else None
+            if slot is None:
+                return None
+            prefix, r = slot
+            out.extend(prefix)
+            stack.append(r)
+        elif _is_stack(part):
+            stack.append(int(groups[part[1]]))
         elif _is_field(part):
             out.append(int(groups[part[1:-1]]))
         else:
             out.append(part)
-    return tuple(out), stack
+    return tuple(out), tuple(stack)
 
 
-def _bind(parts: list, path: tuple) -> dict[str, int] | None:
-    binds: dict[str, int] = {}
-    for t, v in zip(parts, path):
-        if _is_field(t):
-            if not isinstance(v, int) or binds.setdefault(t[1:-1], v) != v:
-                return None
-        elif t != v:
-            return None
-    return binds
+def physical_matches(template: tuple, path: tuple, layer_map):
+    """Ways `template` produces parameter `path`: `(field bindings, stacked-axis names, layer of stacked index)`.
+
+    The stacked-axis names list, in order, the field that indexes each leading stacked axis (`"i"` for the
+    layer axis, whose stacked index maps to a layer through the returned dict)."""
+    stack_names = [LAYER[1] if p == LAYER else p[1] for p in template if p == LAYER or _is_stack(p)]
+    plain = [p for p in template if p != LAYER and not _is_stack(p)]
+    heads = [((), None)]
+    if template and template[0] == LAYER:
+        plain = plain  # the layer prefix replaces the marker at the front
+        heads = [(prefix, layer_map.layers_at(prefix)) for prefix in (layer_map.prefixes if layer_map else ())]
+    for prefix, layers in heads:
+        candidate = list(prefix) + plain
+        if len(candidate) != len(path):
+            continue
+        binds: dict[str, int] = {}
+        ok = True
+        for t, v in zip(candidate, path):
+            if _is_field(t):
+                if not isinstance(v, int) or binds.setdefault(t[1:-1], v) != v:
+                    ok = False
+                    break
+            elif t != v:
+                ok = False
+                break
+        if ok:
+            yield binds, stack_names, layers
 
 
-def checkpoint_key(rules: list[Rule], path: tuple, stack: int | None = None) -> str:
-    """The checkpoint key that should have provided parameter `path` (for error messages)."""
-    for hf_template, targets in rules:
+def checkpoint_key(rules: list[Rule], path: tuple, stack: tuple[int, ...] = (), layer_map=None) -> str:
+    """The checkpoint key that should have provided parameter `path` (slice `stack`), for error messages."""
+    for key_template, targets in rules:
         for template, _ in targets:
-            parts = [p for p in template if not isinstance(p, tuple)]
-            stack_field = next((p[1] for p in template if isinstance(p, tuple)), None)
-            if len(parts) != len(path) or (stack_field is None) != (stack is None):
-                continue
-            binds = _bind(parts, path)
-            if binds is not None:
-                if stack_field is not None:
-                    binds[stack_field] = stack
-                return hf_template.format(**binds)
-    return _format_path(path)
+            for binds, names, layers in physical_matches(template, path, layer_map):
+                if len(names) != len(stack):
+                    continue
+                binds = dict(binds)
+                for name, idx in zip(names, stack):
+                    binds[name] = layers[idx] if name == LAYER[1] and layers is not None else idx
+                try:
+                    return key_template.format(**binds)
+                except KeyError:
+                    continue
+    return format_path(path) + (f"[{', '.join(map(str, stack))}]" if stack else "")
 
 
 def convert(
-    abstract: nnx.State,
+    abstract: dict[tuple, tuple[tuple[int, ...], np.dtype]],
     tensors: Iterable[tuple[str, np.ndarray, Path]],
     rules: list[Rule],
     *,
     dtype,
-    mesh: Mesh | None = None,
+    place: Callable[[tuple, np.ndarray], object],
+    layer_map=None,
     ignore: Callable[[str], bool] = lambda key: False,
     rename: Callable[[str], str] = lambda key: key,
-) -> nnx.State:
-    """Fill `abstract` (an NNX state of ShapeDtypeStructs) from `(key, array, file)` tensors."""
+) -> dict[tuple, object]:
+    """Fill the parameters `abstract` (`{path: shape}`) from `(key, array, file)` tensors -> `{path: placed}`."""
     compiled = [(_template_regex(template), targets) for template, targets in rules]
-    flat = dict(nnx.to_flat_state(abstract))
-    filled: dict[tuple, jax.Array] = {}
+    filled: dict[tuple, object] = {}
     source_of: dict[tuple, str] = {}
     stacks: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
     dtype = np.dtype(dtype)
-
-    def place(path, host):
-        var = flat[path]
-        if mesh is None:
-            filled[path] = jax.device_put(host)
-        else:
-            spec = partition_spec(host.shape, var.get_metadata().get("axes"), mesh)
-            filled[path] = jax.device_put(host, NamedSharding(mesh, spec))
 
     for raw_key, array, file in tensors:
         if ignore(raw_key):
@@ -151,51 +179,63 @@ def convert(
         key = rename(raw_key)
         matches = [(m, t) for rx, t in compiled if (m := rx.fullmatch(key))]
         if not matches:
-            raise CheckpointError(f"unexpected tensor {raw_key!r} in {file}: this model has no parameter for it")
+            raise FormatError(f"unexpected tensor {raw_key!r} in {file}: this model has no parameter for it")
         match, targets = matches[0]
         for template, kind in targets:
-            path, stack = _resolve(template, match.groupdict())
-            if path not in flat:
-                raise CheckpointError(
-                    f"unexpected tensor {raw_key!r} in {file}: parameter {_format_path(path)} does not exist in this model"
-                )
-            full_shape = tuple(flat[path].get_value().shape)
-            dst_shape = full_shape[1:] if stack is not None else full_shape
+            resolved = resolve(template, match.groupdict(), layer_map)
+            if resolved is None or resolved[0] not in abstract:
+                where = "its layer" if resolved is None else f"parameter {format_path(resolved[0])}"
+                raise FormatError(f"unexpected tensor {raw_key!r} in {file}: {where} does not exist in this model")
+            path, stack = resolved
+            full_shape = tuple(abstract[path])
+            dst_shape = full_shape[len(stack) :]
             expected_src, transform = KINDS[kind]
             if tuple(array.shape) != tuple(expected_src(dst_shape)):
-                raise CheckpointError(
+                raise FormatError(
                     f"tensor {raw_key!r} in {file} has shape {tuple(array.shape)}, expected {tuple(expected_src(dst_shape))} "
-                    f"for parameter {_format_path(path)}; the checkpoint does not match its config.json"
+                    f"for parameter {format_path(path)}; the checkpoint does not match its config.json"
                 )
             value = np.asarray(transform(array, dst_shape)).astype(dtype)
-            if stack is None:
+            if not stack:
                 if path in filled:
-                    raise CheckpointError(
-                        f"tensor {raw_key!r} in {file} sets parameter {_format_path(path)} again "
+                    raise FormatError(
+                        f"tensor {raw_key!r} in {file} sets parameter {format_path(path)} again "
                         f"(already set by {source_of[path]!r})"
                     )
                 source_of[path] = raw_key
-                place(path, value)
+                filled[path] = place(path, value)
                 continue
             if path in filled:
-                raise CheckpointError(f"tensor {raw_key!r} in {file} sets stacked parameter {_format_path(path)} after it was complete")
-            buf, done = stacks.setdefault(path, (np.zeros(full_shape, dtype), np.zeros(full_shape[0], bool)))
-            if not 0 <= stack < full_shape[0]:
-                raise CheckpointError(f"tensor {raw_key!r} in {file}: index {stack} out of range 0..{full_shape[0] - 1}")
+                raise FormatError(f"tensor {raw_key!r} in {file} sets stacked parameter {format_path(path)} after it was complete")
+            lead = full_shape[: len(stack)]
+            if not all(0 <= s < n for s, n in zip(stack, lead)):
+                raise FormatError(f"tensor {raw_key!r} in {file}: index {stack} out of range {lead}")
+            buf, done = stacks.setdefault(path, (np.zeros(full_shape, dtype), np.zeros(lead, bool)))
             if done[stack]:
-                raise CheckpointError(f"tensor {raw_key!r} in {file} sets {_format_path(path)}[{stack}] twice")
+                raise FormatError(f"tensor {raw_key!r} in {file} sets {format_path(path)}{list(stack)} twice")
             buf[stack] = value
             done[stack] = True
             if done.all():
                 source_of[path] = raw_key
-                place(path, buf)
+                filled[path] = place(path, buf)
                 del stacks[path]
 
     for path, (_, done) in stacks.items():
-        missing = [checkpoint_key(rules, path, i) for i, d in enumerate(done) if not d]
-        raise CheckpointError(f"checkpoint is missing tensor(s) {missing[:8]} (parameter {_format_path(path)})")
-    missing = [p for p in flat if p not in filled]
+        missing = [checkpoint_key(rules, path, tuple(int(x) for x in idx), layer_map) for idx in zip(*np.nonzero(~done))]
+        raise FormatError(f"checkpoint is missing tensor(s) {missing[:8]} (parameter {format_path(path)})")
+    missing = [p for p in abstract if p not in filled]
     if missing:
-        names = ", ".join(f"{checkpoint_key(rules, p)!r}" for p in missing[:8])
-        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {names}")
-    return nnx.from_flat_state([(p, flat[p].replace(filled[p])) for p in flat])
+        names = []
+        for p in missing[:8]:
+            lead = _lead_dims(rules, p, layer_map)
+            names.append(checkpoint_key(rules, p, (0,) * lead, layer_map))
+        raise FormatError(f"checkpoint is missing {len(missing)} parameter(s), e.g. tensor(s) {', '.join(map(repr, names))}")
+    return filled
+
+
+def _lead_dims(rules: list[Rule], path: tuple, layer_map) -> int:
+    for _, targets in rules:
+        for template, _ in targets:
+            for _, names, _ in physical_matches(template, path, layer_map):
+                return len(names)
+    return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from dspark_jax.errors import CheckpointError
+from converters.errors import FormatError as CheckpointError
 
 DTYPES = {
     "F64": np.float64,

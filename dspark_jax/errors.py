@@ -1,5 +1,7 @@
 """The library's error hierarchy: every error a user can cause names the input and what to do."""
 
+from converters.errors import FormatError
+
 
 class DSparkError(Exception):
     """Base class of every error raised on purpose by dspark_jax."""
@@ -9,7 +11,7 @@ class ConfigError(DSparkError, ValueError):
     """A configuration (config.json, YAML preset, argument combination) is invalid or unsupported."""
 
 
-class CheckpointError(DSparkError, ValueError):
+class CheckpointError(DSparkError, FormatError):
     """A checkpoint file is missing, corrupt, incomplete, or does not match its config."""
 
 

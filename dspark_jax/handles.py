@@ -1,8 +1,9 @@
 """Loaded models: a config, an NNX graph definition, its parameter state, and where it came from.
 
-`Target` and `Draft` are what `load_target` / `load_draft` return and what `generate` takes. They are
-plain holders: the compute lives in `models/`, `draft/` and `spec.py`; jitted functions receive
-`graphdef` as a static argument and `params` as an array argument and rebuild the module inside.
+`Target` and `Draft` are what `load_target` / `load_draft` / `prompt_lookup` return and what `generate`
+takes. They are plain holders: the compute lives in `models/` (targets) and `proposers/` (drafts); jitted
+functions receive `graphdef` as a static argument and `params` as an array argument and rebuild the module
+inside (`nnx.merge`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from dspark_jax.layers.params import Init
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -40,6 +43,11 @@ class Loaded:
     def with_params(self, params: nnx.State):
         return dataclasses.replace(self, params=params)
 
+    @classmethod
+    def of_module(cls, module: nnx.Module, config, dtype, **kwargs):
+        graphdef, params = nnx.split(module)
+        return cls(config=config, graphdef=graphdef, params=params, dtype=jnp.dtype(dtype), **kwargs)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Target(Loaded):
@@ -50,11 +58,10 @@ class Target(Loaded):
     @classmethod
     def random(cls, config, *, dtype="float32", seed: int = 0, stop_token_ids: tuple[int, ...] = ()) -> Target:
         """Random weights (N(0, 0.02), norms 1) for tests and benchmarks."""
-        from dspark_jax.models import model_class
+        from dspark_jax.models import registry
 
-        module = model_class(config)(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
-        graphdef, params = nnx.split(module)
-        return cls(config=config, graphdef=graphdef, params=params, dtype=jnp.dtype(dtype), stop_token_ids=tuple(stop_token_ids))
+        module = registry.by_config(config).model_class(config, Init(nnx.Rngs(seed), jnp.dtype(dtype)))
+        return cls.of_module(module, config, dtype, stop_token_ids=tuple(stop_token_ids))
 
     @functools.cached_property
     def tokenizer(self):
@@ -65,12 +72,11 @@ class Target(Loaded):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Draft(Loaded):
-    """A DSpark / DFlash draft."""
+    """A proposer: a trained draft (DSpark / DFlash) or a model-free one (prompt lookup)."""
 
     @classmethod
     def random(cls, config, *, dtype="float32", seed: int = 0) -> Draft:
-        from dspark_jax.draft import DSparkDraft
+        """A DSpark / DFlash draft with random weights."""
+        from dspark_jax.proposers.dspark import DSparkDraft
 
-        module = DSparkDraft(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(seed))
-        graphdef, params = nnx.split(module)
-        return cls(config=config, graphdef=graphdef, params=params, dtype=jnp.dtype(dtype))
+        return cls.of_module(DSparkDraft(config, Init(nnx.Rngs(seed), jnp.dtype(dtype))), config, dtype)

@@ -19,7 +19,7 @@ SETTINGS = [dict(temperature=1.0, top_k=0, top_p=1.0), dict(temperature=0.7, top
 def greedy_arms(random_target, bigram_target, draft_cfg, successor) -> dict:
     """name -> (target, draft): a random draft on a random target (tau ~ 1), and on a bigram target following
     `successor` an oracle draft (tau = K + 1) and one right 60% of the time (partial acceptances)."""
-    from dspark_jax import synthetic
+    from dspark_jax.testing import synthetic
 
     return {
         "random": (random_target, synthetic.random_draft(random_target, draft_cfg, seed=2)),

@@ -62,7 +62,7 @@ def prompts_file(tmp_path_factory):
 def batch_command(pair, input_path, output_path, *extra, draft=True):
     target, draft_dir = pair
     return [
-        sys.executable, "-m", "dspark_jax.cli", "batch", "--target", str(target),
+        sys.executable, "-m", "dspark_jax.tools.cli", "batch", "--target", str(target),
         "--draft", str(draft_dir) if draft else "none", "--input", str(input_path), "--output", str(output_path),
         *COMMON, *extra,
     ]
@@ -70,9 +70,9 @@ def batch_command(pair, input_path, output_path, *extra, draft=True):
 
 def run_in_process(cmd, capsys, expect_rc):
     """For jobs that stop before loading a model: `cli.main` here, no subprocess start-up."""
-    from dspark_jax import cli
+    from dspark_jax.tools import cli
 
-    assert cmd[1:4] == ["-m", "dspark_jax.cli", "batch"]
+    assert cmd[1:4] == ["-m", "dspark_jax.tools.cli", "batch"]
     rc = cli.main(cmd[3:])
     captured = capsys.readouterr()
     assert rc == expect_rc, f"rc {rc}\nstdout:\n{captured.out}\nstderr:\n{captured.err}"
@@ -217,8 +217,8 @@ def test_strict_fails_on_the_first_malformed_line(pair, tmp_path, capsys):
 
 
 def test_a_second_writer_is_refused(tmp_path):
-    from dspark_jax import batch
     from dspark_jax.errors import InputError
+    from dspark_jax.tools import batch
 
     job = {"format": batch.FORMAT, "input_sha256": "0"}
     out = tmp_path / "answers.jsonl"
@@ -231,7 +231,7 @@ def test_a_second_writer_is_refused(tmp_path):
 
 
 def test_batches_are_length_sorted_and_share_one_shape():
-    from dspark_jax import batch
+    from dspark_jax.tools import batch
 
     rows = [batch._Row(batch.Prompt(i, i, None, "x", {}), [1] * n, {}) for i, n in enumerate([9, 2, 7, 2, 30, 5, 1])]
     groups = batch.batches(rows, 3)

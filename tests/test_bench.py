@@ -32,8 +32,9 @@ def pair(tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(pair):
     import dspark_jax as dj
-    from converters.draft import export_draft
-    from dspark_jax import cli, synthetic
+    from dspark_jax.proposers.dspark_checkpoint import export_draft
+    from dspark_jax.testing import synthetic
+    from dspark_jax.tools import cli
 
     root, target_dir, draft_dir = pair
     target = dj.load_target(target_dir, dtype="float32")
@@ -67,7 +68,7 @@ def test_pngs_exist_and_are_png(report):
 
 
 def test_markdown_shows_the_json_numbers(report):
-    from dspark_jax.bench import parse_markdown_tables
+    from dspark_jax.tools.bench import parse_markdown_tables
 
     data = json.loads((report / "report.json").read_text())
     shown = parse_markdown_tables((report / "report.md").read_text())
@@ -130,7 +131,7 @@ def test_inflated_target_keeps_outputs_and_adds_cost(pair):
     from flax import nnx
 
     import dspark_jax as dj
-    from dspark_jax import bench
+    from dspark_jax.tools import bench
 
     target = dj.load_target(pair[1], dtype="float32")
     big = bench.inflate_target(target, 0.2)

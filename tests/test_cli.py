@@ -5,7 +5,7 @@ from __future__ import annotations
 from tiny_checkpoint import session_pair
 
 import dspark_jax as dj
-from dspark_jax.cli import main
+from dspark_jax.tools.cli import main
 
 
 def test_generate_prints_text_and_stats(tmp_path_factory, capsys):

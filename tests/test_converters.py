@@ -12,10 +12,10 @@ import pytest
 import torch
 from hf_models import qwen3
 
-import converters
 import dspark_jax as dj
 from converters.safetensors_io import SafetensorsFile, save_file
 from dspark_jax.errors import CheckpointError, ConfigError
+from dspark_jax.models.loading import convert_to_orbax, parse_target_config
 
 
 @pytest.fixture(scope="module")
@@ -158,20 +158,20 @@ def test_hub_dialect_config_equals_transformers5_dialect(checkpoint, tmp_path):
     cfg["rope_theta"] = rope["rope_theta"]
     cfg["rope_scaling"] = None
     (dst / "config.json").write_text(json.dumps(cfg))
-    assert converters.hf_config.parse_target_config(dst / "config.json") == converters.hf_config.parse_target_config(src / "config.json")
+    assert parse_target_config(dst / "config.json") == parse_target_config(src / "config.json")
 
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     cfg["rope_scaling"] = dict(yarn, type="yarn")
     del cfg["rope_scaling"]["rope_type"]
     (dst / "config.json").write_text(json.dumps(cfg))
-    legacy = converters.hf_config.parse_target_config(dst / "config.json")
+    legacy = parse_target_config(dst / "config.json")
     assert legacy.rope.rope_type == "yarn" and legacy.rope.factor == 4.0
     assert legacy.rope.original_max_position_embeddings == 64
 
 
 def test_orbax_conversion_round_trip_and_cli(checkpoint, tmp_path):
     src, _ = checkpoint
-    from dspark_jax.cli import main
+    from dspark_jax.tools.cli import main
 
     assert main(["convert", str(src), str(tmp_path / "orbax"), "--dtype", "float32"]) == 0
     restored = dj.load_target(tmp_path / "orbax", dtype="float32")
@@ -180,4 +180,4 @@ def test_orbax_conversion_round_trip_and_cli(checkpoint, tmp_path):
     prompts = [[1, 2, 3]]
     assert dj.generate(restored, None, prompts, max_new_tokens=5).tokens == dj.generate(original, None, prompts, max_new_tokens=5).tokens
     with pytest.raises(CheckpointError, match="not empty"):
-        converters.convert_to_orbax(src, tmp_path / "orbax")
+        convert_to_orbax(src, tmp_path / "orbax")

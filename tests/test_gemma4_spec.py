@@ -9,6 +9,7 @@ prompt overflows the sliding ring.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
@@ -18,8 +19,9 @@ from flax import nnx
 from spec_helpers import greedy_arms, plain_greedy
 
 import dspark_jax as dj
-from dspark_jax import synthetic
-from dspark_jax.config import FULL, SLIDING, DraftConfig, Gemma4Config
+from dspark_jax.models.gemma4 import FULL, SLIDING, Gemma4Config
+from dspark_jax.proposers.dspark import DraftConfig
+from dspark_jax.testing import synthetic
 
 WINDOW, K = 4, 7
 CFG = Gemma4Config(
@@ -44,16 +46,11 @@ CFG = Gemma4Config(
     num_kv_shared_layers=2,
 )
 DRAFT_CFG = DraftConfig(
-    family="gemma4",
-    vocab_size=CFG.vocab_size,
-    hidden_size=CFG.hidden_size,
-    intermediate_size=CFG.intermediate_size,
-    num_layers=1,
-    num_heads=CFG.num_heads,
-    num_kv_heads=CFG.num_global_kv_heads,  # Gemma drafts use the global head geometry in every layer
-    head_dim=CFG.global_head_dim,
-    rms_norm_eps=CFG.rms_norm_eps,
-    rope=CFG.rope_full,
+    # Gemma drafts use the global head geometry in every layer, all full attention, their own head
+    backbone=dataclasses.replace(
+        CFG, num_layers=1, layer_types=(FULL,), head_dim=CFG.global_head_dim, num_kv_heads=CFG.num_global_kv_heads,
+        num_kv_shared_layers=0, tie_word_embeddings=False,
+    ),
     block_size=7,
     target_layer_ids=(0, 2, 3, 4),  # interior layers like the 12B draft's [5, 17, 29, 41, 46] of 48; 4 shares KV
     num_target_layers=CFG.num_layers,
@@ -61,9 +58,6 @@ DRAFT_CFG = DraftConfig(
     markov_rank=32,
     enable_confidence_head=True,
     confidence_head_with_markov=True,
-    activation=CFG.activation,
-    attention_k_eq_v=True,
-    final_logit_softcapping=CFG.final_logit_softcapping,
 )
 SUCCESSOR = synthetic.random_permutation_successor(CFG.vocab_size, seed=5)
 PROMPTS = [[3, 9, 27], list(range(40, 53)), [101], list(range(7, 33))]
@@ -166,20 +160,18 @@ def sampling_setup(tmp_path_factory):
     # transformers 5.24 crashes in its prompt-slicing shortcut for KV-sharing layers when a model has KV
     # sharing but no per-layer inputs; asking for hidden states switches the shortcut off.
     hf.config.output_hidden_states = True
-    cfg = DraftConfig(
-        **{
-            **DRAFT_CFG.__dict__,
-            "vocab_size": V,
-            "hidden_size": 32,
-            "intermediate_size": 48,
-            "num_heads": 2,
-            "head_dim": 16,
-            "rope": target.config.rope_full,
-            "target_layer_ids": (0, 2),
-            "num_target_layers": 4,
-            "mask_token_id": V - 1,
-            "markov_rank": 8,
-        }
+    t = target.config
+    cfg = dataclasses.replace(
+        DRAFT_CFG,
+        backbone=dataclasses.replace(
+            DRAFT_CFG.backbone, vocab_size=V, hidden_size=32, intermediate_size=48, num_heads=2,
+            head_dim=t.global_head_dim, global_head_dim=t.global_head_dim, num_kv_heads=t.num_global_kv_heads,
+            num_global_kv_heads=t.num_global_kv_heads, rope_full=t.rope_full,
+        ),
+        target_layer_ids=(0, 2),
+        num_target_layers=4,
+        mask_token_id=V - 1,
+        markov_rank=8,
     )
     # A draft that roughly knows the target: its Markov head encodes the target's greedy successor of each
     # token after the prompt, for 70% of the tokens, at a strength that keeps its distributions soft.

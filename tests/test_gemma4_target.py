@@ -21,9 +21,12 @@ import torch
 from flax import nnx
 
 import dspark_jax as dj
-from converters import hf_config, safetensors_io
-from dspark_jax.config import FULL, SLIDING
+from converters import safetensors_io
+from dspark_jax.config import read_json
 from dspark_jax.errors import CheckpointError, ConfigError
+from dspark_jax.models import registry
+from dspark_jax.models.gemma4 import FULL, SLIDING
+from dspark_jax.models.gemma4.config import parse
 from dspark_jax.tokenizer import Tokenizer
 
 # The tolerance target_families.md recommends for Gemma: sandwich norms re-normalise small sub-block outputs,
@@ -171,6 +174,16 @@ def _run(target, tokens, lengths, cache, num_valid=None):
     return np.asarray(logits), cache, np.split(np.asarray(features), L + 1, axis=-1)
 
 
+def _parse(path):
+    return parse(read_json(path), str(path))
+
+
+def _layer_cache(target, cache, layer: int):
+    """The `[B, S, G, H]` keys/values of HF layer `layer` in the stacked cache."""
+    (_, g, _, q), r = target.module.layer_map().slot(layer)
+    return cache[g][q].k[r], cache[g][q].v[r]
+
+
 def _max_err(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
 
@@ -184,7 +197,7 @@ def test_config_dialects_and_wrappers_parse_alike(case):
     hub_hf = AutoConfig.from_pretrained(d / "hub").to_dict()
     text_hf = AutoConfig.from_pretrained(d / "text").to_dict()
     assert hub_hf["per_layer_config"] == text_hf["per_layer_config"]  # our hub-style file means the same to HF
-    parsed = [hf_config.parse_target_config(d / sub / "config.json") for sub in ("multimodal", "text", "hub")]
+    parsed = [_parse(d / sub / "config.json") for sub in ("multimodal", "text", "hub")]
     assert parsed[0] == parsed[1] == parsed[2]
     cfg = parsed[0]
     assert cfg.model_type == case["name"]
@@ -202,10 +215,13 @@ def test_config_errors(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"model_type": "gemma4", "vocab_size": 8}))
     with pytest.raises(ConfigError, match="text_config"):
-        hf_config.parse_target_config(path)
+        _parse(path)
     path.write_text(json.dumps({"model_type": "gemma3"}))
     with pytest.raises(ConfigError, match="gemma4_unified"):
-        hf_config.parse_target_config(path)
+        _parse(path)
+    with pytest.raises(ConfigError, match="gemma4_unified"):
+        registry.by_model_type("gemma3", str(path))
+    assert registry.by_model_type("gemma4_unified_text").name == "gemma4"
 
 
 def test_forward_matches_transformers(case):
@@ -249,13 +265,17 @@ def test_bf16_embedding_scale_is_rounded_like_transformers(case):
 def test_cached_blocks_at_ragged_offsets_match_full_forward(case):
     """Ragged prefill (one prompt longer than the sliding ring), then verify-style blocks of K + 1 = 5 > W
     tokens at per-row offsets whose tails are wrong tokens and only partly committed, then one-token steps."""
-    target, ids, ref_logits, ref_hidden = case["target"], case["ids"], case["logits"], case["hidden"]
+    _check_cached_blocks(case["target"], case["ids"], case["logits"], case["hidden"], case["name"])
+
+
+def _check_cached_blocks(target, ids, ref_logits, ref_hidden, name, tols=None):
     L = target.config.num_layers
+    tols = tols or [TOL] * (L + 1)
     rng = np.random.default_rng(3)
     cache = target.module.init_cache(2, SEQ, max_block=K + 1)
     ring = WINDOW + K
     kinds = target.config.layer_types
-    assert {cache.k[i].shape[1] for i in target.config.cache_layers if kinds[i] == SLIDING} == {ring}
+    assert {_layer_cache(target, cache, i)[0].shape[1] for i in target.config.cache_layers if kinds[i] == SLIDING} == {ring}
     prompt_lens = np.array([5, ring + 3])
     tokens = np.zeros((2, SEQ), np.int32)  # padded to the full-forward length: one compiled program for both
     for b in range(2):
@@ -269,7 +289,7 @@ def test_cached_blocks_at_ragged_offsets_match_full_forward(case):
         np.testing.assert_allclose(got_logits[:n], ref_logits[b, sl], rtol=TOL, atol=TOL, err_msg=what)
         for i in range(L + 1):
             np.testing.assert_allclose(
-                got_hidden[i][:n], ref_hidden[i][b, sl], rtol=TOL, atol=TOL, err_msg=f"{what}, hidden {i}"
+                got_hidden[i][:n], ref_hidden[i][b, sl], rtol=TOL, atol=tols[i], err_msg=f"{what}, hidden {i}"
             )
         worst = max(worst, _max_err(got_logits[:n], ref_logits[b, sl]))
 
@@ -300,7 +320,68 @@ def test_cached_blocks_at_ragged_offsets_match_full_forward(case):
         for b in range(2):
             check(b, logits[b], [h[b] for h in hidden], lengths[b], 1, f"decode row {b} at {lengths[b]}")
         lengths += 1
-    print(f"{case['name']}: {rounds} partial-commit rounds, worst cached logits err {worst:.2e}")
+    print(f"{name}: {rounds} partial-commit rounds, worst cached logits err {worst:.2e}")
+
+
+# Deeper text-only models whose layers scan in groups of more than one repetition (`layers.stack`).
+SCANNED = {
+    # [5 sliding, 1 full] x 2 with per-layer inputs and MoE: one group, its 6-layer pattern run twice.
+    "one_group": dict(
+        layer_types=([SLIDING] * 5 + [FULL]) * 2,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=V,
+        enable_moe_block=True,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=12,
+    ),
+    # A periodic KV-sharing tail: layers 4-7 (double-wide MLPs) reuse the K/V of layers 2 (sliding) and 3
+    # (full), which sit in the second repetition of the first group.
+    "shared_tail": dict(
+        layer_types=[SLIDING, FULL] * 4,
+        num_kv_shared_layers=4,
+        use_double_wide_mlp=True,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=V,
+    ),
+}
+GROUPS = {"one_group": [(0, 6, 2)], "shared_tail": [(0, 2, 2), (4, 2, 2)]}  # (first layer, period, n)
+
+
+@pytest.mark.parametrize("name", list(SCANNED))
+def test_scanned_groups_match_transformers(name, tmp_path):
+    """Twelve and eight layers deep, randomised hidden states grow and transformers' own fp32 error grows with
+    them (a few 1e-4 in the deepest layers, above TOL), so the reference is transformers in float64: logits
+    within TOL, each hidden state within TOL or twice transformers' own fp32 error, whichever is larger."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    variant = dict(SCANNED[name], num_hidden_layers=len(SCANNED[name]["layer_types"]))
+    hf = tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(**COMMON, **variant)).eval()
+    _randomise(hf, seed=7)
+    hf.save_pretrained(tmp_path)
+    target = dj.load_target(tmp_path, dtype="float32")
+    model = target.module
+    assert [(g.start, g.period, g.n) for g in model.groups] == GROUPS[name]
+    if name == "one_group":
+        assert len(model.groups) == 1 and model.groups[0].n == 2
+    else:
+        assert model.kv_sources() == {SLIDING: (0, 0, 1), FULL: (0, 1, 1)}
+
+    ids = np.random.default_rng(1).integers(0, V, (2, SEQ))
+    hf64 = copy.deepcopy(hf).double()
+    hf64.set_experts_implementation("eager")  # the grouped-matmul experts kernel has no float64
+    with torch.no_grad():
+        ref32 = hf(input_ids=torch.as_tensor(ids), output_hidden_states=True)
+        ref = hf64(input_ids=torch.as_tensor(ids), output_hidden_states=True)
+    ref_logits, ref_hidden = ref.logits.numpy(), [h.numpy() for h in ref.hidden_states]
+    L = target.config.num_layers
+    tols = [max(TOL, 2 * _max_err(a, b)) for a, b in zip(ref32.hidden_states, ref_hidden)]
+    logits, _, hidden = _run(target, ids, [0, 0], model.init_cache(2, SEQ, max_block=K + 1), num_valid=[SEQ, SEQ])
+    np.testing.assert_allclose(logits, ref_logits, rtol=TOL, atol=TOL)
+    for i in range(L + 1):
+        np.testing.assert_allclose(hidden[i], ref_hidden[i], rtol=TOL, atol=tols[i], err_msg=f"hidden state {i}")
+    _check_cached_blocks(target, ids, ref_logits, ref_hidden, name, tols)
 
 
 def test_greedy_generation_matches_transformers(case):

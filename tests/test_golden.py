@@ -15,7 +15,6 @@ import pytest
 from safetensors.numpy import load_file
 
 import dspark_jax as dj
-from dspark_jax import spec
 from dspark_jax.config import SamplingParams
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -67,13 +66,13 @@ def test_forced_schedule(case):
     starts = ref["schedule.start"].astype(np.int32)
     features = jnp.asarray(ref["schedule.context_features"])[None]
     tokens = ref["schedule.token_ids"]
-    cache = module.init_cache(1, int(starts[-1]) + bs)
+    cache = module.init_state(1, int(starts[-1]) + bs)
     greedy = SamplingParams.create(1)
     keys = jax.random.split(jax.random.key(0), 1)
     committed = 0
     for r, start in enumerate(starts):
         assert int(ref["schedule.ctx_start"][r]) == committed
-        cache = module.extend_context(features[:, committed:start], jnp.asarray([committed], jnp.int32), cache)
+        cache = module.extend(cache, None, features[:, committed:start], jnp.asarray([committed], jnp.int32))
         committed = int(start)
         anchor = jnp.asarray([tokens[start]], jnp.int32)
         assert int(ref["schedule.anchor"][r]) == int(tokens[start])
@@ -82,13 +81,13 @@ def test_forced_schedule(case):
         hidden = module.block_hidden(block, lengths, cache)
         close(hidden[0], ref["schedule.block_hidden"][r], f"round {r} block hidden")
         close(module.base_logits(hidden)[0], ref["schedule.base_logits"][r], f"round {r} base logits")
-        proposal = spec.propose(module, anchor, lengths, cache, greedy, keys, bs)
-        close(proposal.logits[0], ref["schedule.corrected_logits"][r], f"round {r} corrected logits")
+        drafts, _, corrected, confidence = module.sample_block(cache, anchor, lengths, greedy, keys, bs)
+        close(corrected[0], ref["schedule.corrected_logits"][r], f"round {r} corrected logits")
         if "schedule.confidence_logits" in ref:
-            close(proposal.confidence_logits[0], ref["schedule.confidence_logits"][r], f"round {r} confidence logits")
+            close(confidence[0], ref["schedule.confidence_logits"][r], f"round {r} confidence logits")
         else:
             assert module.confidence_head is None
-        assert np.asarray(proposal.drafts[0]).tolist() == ref["schedule.draft_tokens"][r].tolist(), f"round {r} drafts"
+        assert np.asarray(drafts[0]).tolist() == ref["schedule.draft_tokens"][r].tolist(), f"round {r} drafts"
         assert meta["schedule"]["rounds"][r]["draft_cache_length_after"] == committed
 
 

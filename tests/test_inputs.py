@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 
 import dspark_jax as dj
-from dspark_jax import synthetic
-from dspark_jax.config import Qwen3Config, RopeConfig
+from dspark_jax.config import RopeConfig
 from dspark_jax.errors import ConfigError, InputError
+from dspark_jax.models.qwen3 import Qwen3Config
+from dspark_jax.testing import synthetic
 
 CFG = Qwen3Config(
     model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=2,
@@ -63,7 +64,11 @@ def test_text_prompt_without_tokenizer(target):
     ],
 )
 def test_mismatched_draft_is_refused(target, change, match):
-    cfg = dataclasses.replace(synthetic.draft_config_for(CFG, markov_rank=8), **change)
+    cfg = synthetic.draft_config_for(CFG, markov_rank=8)
+    backbone_fields = {k: change.pop(k) for k in ("vocab_size", "hidden_size") if k in change}
+    if "hidden_size" in backbone_fields:  # keep the heads consistent with the new width
+        backbone_fields["head_dim"] = backbone_fields["hidden_size"] // cfg.backbone.num_heads
+    cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, **backbone_fields), **change)
     draft = dj.Draft.random(cfg)
     with pytest.raises(ConfigError, match=match):
         dj.generate(target, draft, [[1, 2]], max_new_tokens=4)
@@ -71,5 +76,5 @@ def test_mismatched_draft_is_refused(target, change, match):
 
 def test_draft_length_must_fit_the_block(target):
     draft = synthetic.random_draft(target, synthetic.draft_config_for(CFG, markov_rank=8, block_size=4))
-    with pytest.raises(ConfigError, match="block_size 4"):
+    with pytest.raises(ConfigError, match="maximum 4"):
         dj.generate(target, draft, [[1, 2]], max_new_tokens=4, draft_length=5)

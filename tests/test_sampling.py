@@ -11,8 +11,8 @@ from scipy import stats as scistats
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import dspark_jax as dj
-from dspark_jax import decode, sampling
 from dspark_jax.config import SamplingParams
+from dspark_jax.engine import decode, sampling
 
 SETTINGS = [
     dict(temperature=1.0, top_k=0, top_p=1.0),
@@ -73,7 +73,14 @@ def test_sampled_tokens_follow_processed_target_distribution(tiny):
         tv = 0.5 * np.abs(counts / n - expected).sum()
         assert tv < 0.02, f"{s}: TV {tv:.4f}"
         if keep.sum() > 1:
-            p = scistats.chisquare(counts[keep], expected[keep] / expected[keep].sum() * n).pvalue
+            # cells expected fewer than 5 times are pooled into one (the chi-square approximation needs it; a
+            # single draw in a cell expected 0.02 times, e.g. one flipped at an fp32 CDF boundary, would decide it)
+            exp_counts = expected[keep] / expected[keep].sum() * n
+            rare = exp_counts < 5
+            obs, exp = counts[keep][~rare], exp_counts[~rare]
+            if rare.any():
+                obs, exp = np.append(obs, counts[keep][rare].sum()), np.append(exp, exp_counts[rare].sum())
+            p = scistats.chisquare(obs, exp).pvalue
             assert p > 1e-4, f"{s}: chi-square p={p:.2e}"
 
 

@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     jax.config.update("jax_default_matmul_precision", "highest")
     import numpy as np
     import dspark_jax as dj
-    from dspark_jax import synthetic
+    from dspark_jax.testing import synthetic
 
     assert len(jax.devices()) == 8, jax.devices()
     path = sys.argv[1]
@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     mesh = dj.make_mesh(data=2, model=4)
     single = dj.load_target(path, dtype="float32")
     sharded = dj.load_target(path, dtype="float32", mesh=mesh)
-    spec = sharded.params["layers"][0]["self_attn"]["q_proj"].get_value().sharding.spec
+    spec = sharded.params["groups"][0]["layers"][0]["self_attn"]["q_proj"].get_value().sharding.spec
     cfg = synthetic.draft_config_for(single.config, num_layers=1, markov_rank=16)
     draft = synthetic.random_draft(single, cfg, seed=1)
     draft_sharded = draft.with_params(dj.shard_params(draft.params, mesh))
@@ -52,6 +52,6 @@ def test_eight_device_mesh_matches_single_device(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["q_proj_spec"] == ["None", "model", "None"], "q heads should be split over the model axis"
+    assert result["q_proj_spec"] == ["None", "None", "model", "None"], "q heads should be split over the model axis"
     assert result["greedy"] == {"ar_equal": True, "spec_equal": True, "spec_vs_ar": True}
     assert result["sampled"]["ar_equal"] and result["sampled"]["spec_equal"]

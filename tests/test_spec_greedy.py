@@ -12,8 +12,10 @@ import pytest
 from spec_helpers import greedy_arms, plain_greedy
 
 import dspark_jax as dj
-from dspark_jax import spec, synthetic
-from dspark_jax.config import Qwen3Config, RopeConfig
+from dspark_jax.config import RopeConfig
+from dspark_jax.engine import spec
+from dspark_jax.models.qwen3 import Qwen3Config
+from dspark_jax.testing import synthetic
 
 CFG = Qwen3Config(
     model_type="qwen3",

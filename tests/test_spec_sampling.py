@@ -21,7 +21,7 @@ from scipy import stats as scistats
 from spec_helpers import PROMPT, SETTINGS, STEPS, V, empirical, exact_distribution
 
 import dspark_jax as dj
-from dspark_jax import synthetic
+from dspark_jax.testing import synthetic
 
 N = 2**15
 

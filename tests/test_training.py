@@ -17,10 +17,11 @@ import pytest
 from flax import nnx
 
 import dspark_jax as dj
-from converters.draft import export_draft
 from converters.safetensors_io import SafetensorsFile
-from dspark_jax.config import Qwen3Config, RopeConfig
+from dspark_jax.config import RopeConfig
 from dspark_jax.handles import Target
+from dspark_jax.models.qwen3 import Qwen3Config
+from dspark_jax.proposers.dspark_checkpoint import export_draft
 from dspark_jax.training import losses
 from dspark_jax.training import target_cache as tc
 from dspark_jax.training.anchors import block_targets, sample_anchors
@@ -228,15 +229,15 @@ def test_training_lowers_loss_and_never_touches_the_embeddings(tiny):
     trainer = DraftTrainer(_recipe(root, "lower", steps=30, checkpoint_every=30), target=target)
     before = _flat(trainer.draft().params)
     # The copies are the target's tables (tied target: both are its embedding).
-    np.testing.assert_array_equal(before[("embed_tokens",)], np.asarray(target.module.embed_tokens[...]))
-    np.testing.assert_array_equal(before[("lm_head",)], np.asarray(target.module.embed_tokens[...]))
+    np.testing.assert_array_equal(before[("backbone", "embed_tokens")], np.asarray(target.module.embed_tokens[...]))
+    np.testing.assert_array_equal(before[("backbone", "lm_head")], np.asarray(target.module.embed_tokens[...]))
     records = trainer.train(progress=False)
     after = _flat(trainer.draft().params)
     first, last = np.mean([r["loss"] for r in records[:3]]), np.mean([r["loss"] for r in records[-3:]])
     assert last < 0.8 * first, (first, last)
     assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in records)
     for path in before:
-        if path[0] in ("embed_tokens", "lm_head"):
+        if tuple(path[:2]) in (("backbone", "embed_tokens"), ("backbone", "lm_head")):
             np.testing.assert_array_equal(after[path], before[path])  # frozen: bit-for-bit unchanged
         else:
             assert not np.array_equal(after[path], before[path]), f"{path} was not trained"
@@ -391,7 +392,7 @@ def test_loss_mask_covers_assistant_turns():
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
 def test_shipped_configs_parse(name):
     """Every recipe in configs/ is accepted by the strict parsers (an unknown key would fail the documented commands)."""
-    from dspark_jax.training.fixture import load_config
+    from dspark_jax.tools.fixture import load_config
     from dspark_jax.training.recipe import load_recipe
 
     path = Path(__file__).parents[1] / "configs" / name

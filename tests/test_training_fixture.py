@@ -11,8 +11,9 @@ import pytest
 
 import dspark_jax as dj
 from dspark_jax import assets
-from dspark_jax.config import Qwen3Config, RopeConfig
+from dspark_jax.config import RopeConfig
 from dspark_jax.handles import Target
+from dspark_jax.models.qwen3 import Qwen3Config
 from dspark_jax.training import bpe, corpus, lm
 
 PROMPTS = next((p for p in (Path(__file__).parent / "data" / "prompts", Path("/work/shared/data/prompts")) if p.is_dir()), None)
@@ -24,7 +25,7 @@ def test_exported_target_runs_in_transformers(tmp_path, tied):
     import torch
     from transformers import Qwen3ForCausalLM
 
-    from converters.export import export_target
+    from dspark_jax.models.qwen3.checkpoint import export_target
 
     cfg = Qwen3Config(model_type="qwen3", vocab_size=80, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                       num_kv_heads=2, head_dim=12, rope=RopeConfig(theta=10000.0, max_position_embeddings=128), tie_word_embeddings=tied,
@@ -117,7 +118,7 @@ def test_built_in_pair_loads_and_matches():
     dflash = dj.load_draft(assets.DFLASH_DRAFT)
     for d in (draft, dflash):
         dj.check_pair(target, d)
-        np.testing.assert_array_equal(np.asarray(d.module.lm_head[...]), np.asarray(target.module.embed_tokens[...]))
+        np.testing.assert_array_equal(np.asarray(d.module.backbone.lm_head[...]), np.asarray(target.module.embed_tokens[...]))
     assert draft.config.markov_rank > 0 and draft.config.enable_confidence_head
     assert dflash.config.markov_rank == 0 and not dflash.config.enable_confidence_head
     assert target.stop_token_ids and target.tokenizer.chat_template

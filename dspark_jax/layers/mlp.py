@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.layers import params
+from dspark_jax.layers.params import Init
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -24,10 +24,10 @@ def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, act
 class GatedMLP(nnx.Module):
     """Parameters `gate_proj, up_proj [D, F]`, `down_proj [F, D]` of a gated MLP with activation `act`."""
 
-    def __init__(self, D: int, F: int, act: str, dtype, rngs: nnx.Rngs):
-        self.gate_proj = params.normal(rngs, (D, F), ("embed", "mlp"), dtype)
-        self.up_proj = params.normal(rngs, (D, F), ("embed", "mlp"), dtype)
-        self.down_proj = params.normal(rngs, (F, D), ("mlp", "embed"), dtype)
+    def __init__(self, D: int, F: int, act: str, init: Init):
+        self.gate_proj = init.normal((D, F), ("embed", "mlp"))
+        self.up_proj = init.normal((D, F), ("embed", "mlp"))
+        self.down_proj = init.normal((F, D), ("mlp", "embed"))
         self.act = act
 
     def __call__(self, x):

@@ -1,4 +1,4 @@
-"""Anchor sampling and block supervision targets (reference §6.3, §6.4).
+"""Anchor sampling and block supervision targets (docs/algorithm.md §6.3, §6.4).
 
 Per sequence (length `S_b`, right-padded to `S`), `N` anchors are drawn uniformly without replacement
 from the positions `i <= S_b - 2` with `loss_mask[i] = loss_mask[i + 1] = 1`, then sorted ascending; when
@@ -46,7 +46,7 @@ class BlockTargets:
 
 def block_targets(input_ids: jax.Array, loss_mask: jax.Array, lengths: jax.Array, anchors: jax.Array, keep: jax.Array,
                   block_size: int, mask_token_id: int) -> BlockTargets:
-    """Labels, teacher rows and the cumulative supervision mask of every block (reference §6.4)."""
+    """Labels, teacher rows and the cumulative supervision mask of every block (docs/algorithm.md §6.4)."""
     k = jnp.arange(block_size)
     labels = anchors[..., None] + k + 1  # [B, N, K]
     safe = jnp.where(keep[..., None], jnp.minimum(labels, lengths[:, None, None] - 1), 0)

@@ -1,4 +1,4 @@
-"""Training samples from JSONL: chat conversations or plain text -> token ids + loss mask (reference §6.1).
+"""Training samples from JSONL: chat conversations or plain text -> token ids + loss mask (docs/algorithm.md §6.1).
 
 A record is `{"conversations": [{"role": "system"|"user"|"assistant", "content": str}, ...]}` or
 `{"text": str}`. Conversations are rendered with the checkpoint's chat template (no generation prompt),

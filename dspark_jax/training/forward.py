@@ -1,10 +1,10 @@
-"""The training forward of a DSpark draft: every anchor's block in one pass (reference §6.4, Appendix A.2).
+"""The training forward of a DSpark draft: every anchor's block in one pass (docs/algorithm.md §6.4, Appendix A.2).
 
 Keys/values are `[context: S rows from C = hidden_norm(fc(F)) ; blocks: N * K rows]`; block `m` sees the
 context strictly before its anchor (`j < A_m`, exactly the context an inference round with `start = A_m`
 has) and all `K` slots of its own block, nothing of other blocks. Every training block therefore computes
 what `DSparkDraft.block_hidden` computes at inference for that anchor. The pieces are the draft's own
-(`project_context`, each layer's `keys_values` and `__call__`, `final_norm`), so the two cannot drift.
+(`project_context`, its backbone's `context_kv` and `block_hidden`), so the two cannot drift.
 
 Dummy blocks see nothing (fully masked rows). The attention gives such rows finite values (masked scores
 are a large finite negative), the loss gives them zero weight, and their final hidden states are set to
@@ -17,28 +17,24 @@ import jax
 import jax.numpy as jnp
 
 
-def block_hidden_train(draft, features: jax.Array, block_ids: jax.Array, positions: jax.Array, keep: jax.Array) -> jax.Array:
+def block_hidden_train(draft, features: jax.Array, block_ids: jax.Array, positions: jax.Array, keep: jax.Array,
+                       *, remat: bool = False) -> jax.Array:
     """Final-normed block hidden states `[B, N, K, D]`.
 
     `features [B, S, n_t * D]` (target features of every position of the padded sequences),
-    `block_ids`/`positions` `[B, N, K]` (from `anchors.block_targets`), `keep [B, N]`.
+    `block_ids`/`positions` `[B, N, K]` (from `anchors.block_targets`), `keep [B, N]`. `remat` recomputes
+    each layer's activations in the backward pass instead of storing them (`jax.checkpoint` over the scan body).
     """
     B, N, K = block_ids.shape
     S = features.shape[1]
     context = draft.project_context(features)  # [B, S, D]
-    cos_c, sin_c = draft.rope(jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S)))
-    flat_pos = positions.reshape(B, N * K)
-    cos_b, sin_b = draft.rope(flat_pos)
+    context_kv = draft.backbone.context_kv(context, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S)))
     anchor = jnp.repeat(positions[:, :, 0], K, axis=1)  # [B, N*K] anchor position of each query's block
     kept = jnp.repeat(keep, K, axis=1)  # [B, N*K]
     context_mask = (jnp.arange(S)[None, None, :] < anchor[:, :, None]) & kept[:, :, None]  # [B, N*K, S]
     block_of = jnp.arange(N * K) // K
     block_mask = (block_of[None, :, None] == block_of[None, None, :]) & kept[:, :, None]  # [B, N*K, N*K]
-    x = draft.embed(block_ids.reshape(B, N * K))
-    for i, layer in enumerate(draft.layers):
-        with jax.named_scope(f"draft_layer_{i}"):
-            k_ctx, v_ctx = layer.self_attn.keys_values(context, cos_c, sin_c)
-            x = layer(x, cos_b, sin_b, [(k_ctx, v_ctx, context_mask)], block_mask)
-    hidden = draft.final_norm(x)
+    hidden = draft.backbone.block_hidden(block_ids.reshape(B, N * K), positions.reshape(B, N * K), context_kv,
+                                         context_mask, block_mask, remat=remat)
     hidden = jnp.where(kept[:, :, None], hidden, jnp.zeros((), hidden.dtype))
     return hidden.reshape(B, N, K, -1)

@@ -1,4 +1,4 @@
-"""A new draft for a target (reference §6.6): target-shaped layers, fresh weights, copied embeddings.
+"""A new draft for a target (docs/algorithm.md §6.6): target-shaped layers, fresh weights, copied embeddings.
 
 The draft config is the target's geometry (hidden size, heads, head dim, RoPE, norm eps, vocabulary) plus the
 draft fields. Fresh weights are N(0, 0.02), norms 1, biases 0 (HF `post_init`); `embed_tokens` and `lm_head`
@@ -8,12 +8,16 @@ stay frozen during training.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from flax import nnx
 
-from dspark_jax.config import DraftConfig, Qwen3Config
 from dspark_jax.errors import ConfigError
 from dspark_jax.handles import Draft, Target
+from dspark_jax.layers.params import Init
+from dspark_jax.models.qwen3 import Qwen3Config
+from dspark_jax.proposers.dspark import DraftConfig
 
 
 def draft_config_from_target(
@@ -38,23 +42,16 @@ def draft_config_from_target(
     if not ids or list(ids) != sorted(set(ids)) or not all(-1 <= i <= L - 2 for i in ids):
         raise ConfigError(
             f"target_layer_ids {list(ids)} must be strictly increasing ids in -1..{L - 2} (the target has {L} layers; "
-            "the last layer is forbidden, reference §2.1)"
+            "the last layer is forbidden, docs/algorithm.md §2.1)"
         )
     if not 0 <= mask_token_id < target_config.vocab_size:
         raise ConfigError(f"mask_token_id {mask_token_id} is outside the vocabulary [0, {target_config.vocab_size})")
     if markov_head_type not in ("vanilla", "gated", "rnn"):
         raise ConfigError(f"markov_head_type {markov_head_type!r} must be 'vanilla', 'gated' or 'rnn'")
+    backbone = dataclasses.replace(target_config, num_layers=int(num_layers), tie_word_embeddings=False,
+                                   intermediate_size=int(intermediate_size or target_config.intermediate_size))
     return DraftConfig(
-        family="qwen3",
-        vocab_size=target_config.vocab_size,
-        hidden_size=target_config.hidden_size,
-        intermediate_size=int(intermediate_size or target_config.intermediate_size),
-        num_layers=int(num_layers),
-        num_heads=target_config.num_heads,
-        num_kv_heads=target_config.num_kv_heads,
-        head_dim=target_config.head_dim,
-        rms_norm_eps=target_config.rms_norm_eps,
-        rope=target_config.rope,
+        backbone=backbone,
         block_size=int(block_size),
         target_layer_ids=ids,
         num_target_layers=L,
@@ -63,24 +60,23 @@ def draft_config_from_target(
         markov_head_type=markov_head_type,
         enable_confidence_head=bool(confidence_head),
         confidence_head_with_markov=bool(confidence_head and confidence_head_with_markov and markov_rank > 0),
-        attention_bias=target_config.attention_bias,
         num_anchors=int(num_anchors),
     )
 
 
 def init_from_target(target: Target, config: DraftConfig, *, seed: int = 0, dtype="float32") -> Draft:
     """Fresh draft weights with `embed_tokens` / `lm_head` copied from `target`."""
-    from dspark_jax.draft import DSparkDraft
+    from dspark_jax.proposers.dspark import DSparkDraft
 
     tcfg = target.config
     if config.vocab_size != tcfg.vocab_size or config.hidden_size != tcfg.hidden_size:
         raise ConfigError(f"draft config ({config.vocab_size}, {config.hidden_size}) does not fit the target "
                           f"({tcfg.vocab_size}, {tcfg.hidden_size})")
     dt = jnp.dtype(dtype)
-    module = DSparkDraft(config, dtype=dt, rngs=nnx.Rngs(seed))
+    module = DSparkDraft(config, Init(nnx.Rngs(seed), dt))
     t = target.module
     head = t.embed_tokens[...] if tcfg.tie_word_embeddings else t.lm_head[...]
-    module.embed_tokens.set_value(jnp.asarray(t.embed_tokens[...], dt))
-    module.lm_head.set_value(jnp.asarray(head, dt))
+    module.backbone.embed_tokens.set_value(jnp.asarray(t.embed_tokens[...], dt))
+    module.backbone.lm_head.set_value(jnp.asarray(head, dt))
     graphdef, params = nnx.split(module)
     return Draft(config=config, graphdef=graphdef, params=params, dtype=dt)

@@ -21,8 +21,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from dspark_jax.config import Qwen3Config
 from dspark_jax.handles import Target
+from dspark_jax.models.qwen3 import Qwen3Config
 from dspark_jax.training import optim
 from dspark_jax.training.checkpoint import Checkpointer
 

@@ -1,4 +1,4 @@
-"""DSpark / DFlash training losses (reference §6.5), computed in vocabulary-sized chunks.
+"""DSpark / DFlash training losses (docs/algorithm.md §6.5), computed in vocabulary-sized chunks.
 
 Per supervised slot `(m, k)` with corrected draft logits `Z` (base + teacher-forced Markov bias) and the
 target's logits `Ut` (the frozen LM head on the cached final hidden state that predicts the same token):

@@ -1,4 +1,4 @@
-"""Optimiser and learning-rate schedule of the reference trainer (reference §6.6), in optax.
+"""Optimiser and learning-rate schedule of the reference trainer (docs/algorithm.md §6.6), in optax.
 
 AdamW (b1 0.9, b2 0.999, eps 1e-8) on fp32 master parameters, gradients clipped to a global norm first.
 Schedule over `total` optimizer steps with `W = int(warmup_ratio * total)` warm-up steps: step `i` (0-based)

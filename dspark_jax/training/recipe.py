@@ -13,7 +13,7 @@ default. Layout (defaults in the dataclasses below):
     loss: {ce, l1, conf, decay_gamma}
     optimizer: {lr, warmup_ratio, weight_decay, max_grad_norm}
     batch_size, grad_accum, steps | epochs, max_length, length_buckets, length_grouping, seed, compute_dtype,
-    chunk_blocks
+    chunk_blocks, remat
     eval: {every, max_samples, prompts, num_prompts, max_new_tokens, temperatures}
     checkpoint_every, log_every
     export: {dtype}
@@ -86,6 +86,7 @@ class DraftRecipe:
     seed: int = 42
     compute_dtype: str = "float32"
     chunk_blocks: int = 64
+    remat: bool = False  # recompute each draft layer in the backward pass (jax.checkpoint): less memory, more compute
     eval: EvalSpec = EvalSpec()
     checkpoint_every: int = 500
     log_every: int = 1
@@ -137,6 +138,8 @@ def parse_recipe(data: dict, where: str = "recipe") -> DraftRecipe:
     if recipe.length_buckets and (list(recipe.length_buckets) != sorted(set(recipe.length_buckets))
                                   or recipe.length_buckets[-1] < recipe.max_length):
         raise ConfigError(f"{where}: length_buckets must increase and end at >= max_length ({recipe.max_length})")
+    if not isinstance(recipe.remat, bool):
+        raise ConfigError(f"{where}: remat must be true or false, got {recipe.remat!r}")
     if recipe.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"{where}: compute_dtype must be 'float32' or 'bfloat16'")
     if not recipe.draft.target_layer_ids:

@@ -1,4 +1,4 @@
-"""The target cache: what a draft trains on, computed once by running the target (reference §6.2 layout).
+"""The target cache: what a draft trains on, computed once by running the target (docs/algorithm.md §6.2 layout).
 
 On-disk format (a directory; the reference's manifest version 2, so caches are interchangeable):
 
@@ -252,14 +252,14 @@ def build_cache(
     Records are read in groups of `group`; a group is sorted by length and run in right-padded batches of
     `batch_tokens // T` rows of length `T` (a power of two >= `min_length`: few shapes, few compilations),
     then written and flushed, so an interrupted build resumes at the group it was working on. Samples with fewer than `min_loss_tokens`
-    supervised tokens are dropped (reference §6.1).
+    supervised tokens are dropped (docs/algorithm.md §6.1).
     """
     L_t = target.config.num_layers
     for i in target_layer_ids:
         if not -1 <= i < L_t - 1:
             raise ConfigError(
                 f"target_layer_ids {list(target_layer_ids)}: {i} is not an interior layer of this {L_t}-layer target "
-                "(allowed: -1 for the embedding output, 0..L-2; the last layer is forbidden, reference §2.1)"
+                "(allowed: -1 for the embedding output, 0..L-2; the last layer is forbidden, docs/algorithm.md §2.1)"
             )
     capture = tuple(0 if i == -1 else i + 1 for i in target_layer_ids)
     meta = {"vocab_size": target.config.vocab_size, "num_target_layers": L_t, "min_loss_tokens": min_loss_tokens,

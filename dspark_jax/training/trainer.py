@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from dspark_jax.errors import ConfigError
 from dspark_jax.handles import Draft, Target
+from dspark_jax.layers.params import Init
 from dspark_jax.training import optim
 from dspark_jax.training.anchors import block_targets, sample_anchors
 from dspark_jax.training.checkpoint import Checkpointer
@@ -37,11 +38,11 @@ from dspark_jax.training.losses import LossWeights, block_statistics, block_term
 from dspark_jax.training.recipe import DraftRecipe
 from dspark_jax.training.target_cache import TargetCache
 
-FROZEN = ("embed_tokens", "lm_head")
+FROZEN = (("backbone", "embed_tokens"), ("backbone", "lm_head"))
 
 
 def is_frozen(path, _value) -> bool:
-    return path[0] in FROZEN
+    return tuple(path[:2]) in FROZEN
 
 
 @jax.tree_util.register_dataclass
@@ -76,12 +77,13 @@ def make_batch(cache: TargetCache, ids, *, max_length: int, buckets, dtype, rows
                  jnp.asarray(features, dtype), jnp.asarray(last_hidden, dtype))
 
 
-def draft_objective(draft, batch: Batch, key: jax.Array, *, num_anchors: int, weights: LossWeights, chunk_blocks: int):
+def draft_objective(draft, batch: Batch, key: jax.Array, *, num_anchors: int, weights: LossWeights, chunk_blocks: int,
+                    remat: bool = False):
     """(loss, (loss parts, acceptance statistics)) of one micro-batch."""
     cfg = draft.config
     anchors, keep = sample_anchors(key, batch.loss_mask, batch.lengths, num_anchors)
     t = block_targets(batch.input_ids, batch.loss_mask, batch.lengths, anchors, keep, cfg.block_size, cfg.mask_token_id)
-    hidden = block_hidden_train(draft, batch.features, t.block_ids, t.positions, keep)
+    hidden = block_hidden_train(draft, batch.features, t.block_ids, t.positions, keep, remat=remat)
     teacher = jax.vmap(lambda g, rows: g[rows])(batch.last_hidden, t.teacher_rows).astype(hidden.dtype)
     terms = block_terms(draft, hidden, teacher, t.target_ids, t.prev_ids, chunk_blocks)
     loss, parts = combine(terms, t.supervised, weights)
@@ -93,16 +95,18 @@ def _merge(graphdef, frozen, trainable, dtype):
     return nnx.merge(graphdef, cast(frozen), cast(trainable))
 
 
-STATIC = ("graphdef", "tx", "num_anchors", "weights", "chunk_blocks", "dtype")
+STATIC = ("graphdef", "tx", "num_anchors", "weights", "chunk_blocks", "dtype", "remat")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC, donate_argnames=("trainable", "opt_state"))
-def train_step(graphdef, frozen, trainable, opt_state, batch, key, *, tx, num_anchors, weights, chunk_blocks, dtype):
+def train_step(graphdef, frozen, trainable, opt_state, batch, key, *, tx, num_anchors, weights, chunk_blocks, dtype,
+               remat=False):
     """One micro-step: gradient with respect to the trainable parameters only, then the optimizer update."""
 
     def loss_fn(tr):
         draft = _merge(graphdef, frozen, tr, dtype)
-        return draft_objective(draft, batch, key, num_anchors=num_anchors, weights=weights, chunk_blocks=chunk_blocks)
+        return draft_objective(draft, batch, key, num_anchors=num_anchors, weights=weights, chunk_blocks=chunk_blocks,
+                               remat=remat)
 
     (loss, (parts, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -167,7 +171,7 @@ class DraftTrainer:
 
     def __init__(self, recipe: DraftRecipe, *, target: Target | None = None, draft: Draft | None = None):
         import dspark_jax as dj
-        from dspark_jax.draft import DSparkDraft
+        from dspark_jax.proposers.dspark import DSparkDraft
         from dspark_jax.training.init import draft_config_from_target, init_from_target
 
         self.recipe = r = recipe
@@ -193,7 +197,7 @@ class DraftTrainer:
         self.dtype = jnp.dtype(r.compute_dtype)
         graphdef, frozen, trainable = nnx.split(draft.module, is_frozen, ...)
         # The compute graph is built for `compute_dtype` (RoPE tables, casts); masters stay fp32.
-        self.graphdef = nnx.split(nnx.eval_shape(lambda: DSparkDraft(self.config, dtype=self.dtype, rngs=nnx.Rngs(0))),
+        self.graphdef = nnx.split(nnx.eval_shape(lambda: DSparkDraft(self.config, Init(nnx.Rngs(0), self.dtype))),
                                   is_frozen, ...)[0]
         self.frozen = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), frozen)
         self.trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
@@ -215,12 +219,12 @@ class DraftTrainer:
     # --- state ----------------------------------------------------------------------------------
     def draft(self, dtype=None) -> Draft:
         """The current draft as a `Draft` handle (parameters cast to `dtype`, default fp32)."""
-        from dspark_jax.draft import DSparkDraft
+        from dspark_jax.proposers.dspark import DSparkDraft
 
         dt = jnp.dtype(dtype or "float32")
         module = nnx.merge(self.graphdef, self.frozen, self.trainable)
         _, params = nnx.split(module)
-        graphdef = nnx.split(nnx.eval_shape(lambda: DSparkDraft(self.config, dtype=dt, rngs=nnx.Rngs(0))))[0]
+        graphdef = nnx.split(nnx.eval_shape(lambda: DSparkDraft(self.config, Init(nnx.Rngs(0), dt))))[0]
         params = jax.tree.map(lambda x: x.astype(dt), params)
         return Draft(config=self.config, graphdef=graphdef, params=params, dtype=dt)
 
@@ -257,7 +261,7 @@ class DraftTrainer:
             batch = self.batch(self.step)
             self.trainable, self.opt_state, loss, parts, stats, gnorm = train_step(
                 self.graphdef, self.frozen, self.trainable, self.opt_state, batch, self.key(self.step), tx=self.tx,
-                **self.statics,
+                remat=r.remat, **self.statics,
             )
             self.step += 1
             record = {"step": self.step, "loss": float(loss), **{k: float(v) for k, v in parts.items()},
@@ -324,7 +328,7 @@ class DraftTrainer:
 
     def export(self, directory=None, dtype: str | None = None) -> Path:
         """Write the draft (DeepSpec layout) to `directory` (default `output_dir/draft`)."""
-        from converters.draft import export_draft
+        from dspark_jax.proposers.dspark_checkpoint import export_draft
 
         directory = Path(directory or self.recipe.output / "draft")
         base = json.loads((Path(self.recipe.target) / "config.json").read_text()) if Path(self.recipe.target, "config.json").exists() else None

@@ -1,0 +1,120 @@
+"""Plain autoregressive decoding: prefill, one-token steps, and the whole loop as one `lax.while_loop`.
+
+Shares the request layout with speculative decoding (`Requests`): right-padded prompts, per-row lengths,
+per-row sampling settings, stop sets, token budgets and PRNG keys. A token at absolute position `p` of a row
+is drawn with `fold_in(row_key, SALT_TOKEN, p)`, so a row's samples never depend on its batch mates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dspark_jax.config import SamplingParams
+from dspark_jax.engine import sampling
+from dspark_jax.engine.verify import is_stop
+
+PAD = -1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Requests:
+    """A padded batch of requests (all `[B, ...]` arrays, traced)."""
+
+    tokens: jax.Array  # i32[B, T] right-padded prompts
+    prompt_lens: jax.Array  # i32[B]
+    max_new: jax.Array  # i32[B] token budget; 0 marks a padding row
+    sampling: SamplingParams
+    stop_ids: jax.Array  # i32[B, NS], -1 padded
+    keys: jax.Array  # typed PRNG keys [B]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    cache: Any  # the target's cache (opaque)
+    lengths: jax.Array  # i32[B] tokens committed to the cache
+    pending: jax.Array  # i32[B] last sampled token, not yet in the cache
+    out: jax.Array  # i32[B, O] generated tokens, PAD beyond `count`
+    count: jax.Array  # i32[B]
+    done: jax.Array  # bool[B]
+    req: Requests
+
+
+def append_tokens(out: jax.Array, count: jax.Array, new: jax.Array, num_new: jax.Array) -> jax.Array:
+    """Write the first `num_new[b]` of `new [B, W]` at `out[b, count[b]:]` (excess beyond `O` is dropped)."""
+    W = new.shape[1]
+    cols = count[:, None] + jnp.arange(W)[None, :]
+    cols = jnp.where(jnp.arange(W)[None, :] < num_new[:, None], cols, out.shape[1])
+    rows = jnp.broadcast_to(jnp.arange(out.shape[0])[:, None], cols.shape)
+    return out.at[rows, cols].set(new, mode="drop")
+
+
+def prefill(model, req: Requests, cache, capture: tuple[int, ...] = ()):
+    """Run the prompts; sample each row's first token. -> (first token, cache, features or None)."""
+    B = req.tokens.shape[0]
+    zeros = jnp.zeros((B,), jnp.int32)
+    with jax.named_scope("prefill"):
+        hidden, cache, features = model(req.tokens, zeros, cache, capture=capture, num_valid=req.prompt_lens)
+    last = hidden[jnp.arange(B), req.prompt_lens - 1]
+    probs = sampling.probabilities(model.logits(last), req.sampling)
+    first = sampling.sample(sampling.step_keys(req.keys, sampling.SALT_TOKEN, req.prompt_lens), probs)
+    return first, cache, features
+
+
+def start(model, req: Requests, capacity: int, out_len: int) -> DecodeState:
+    B = req.tokens.shape[0]
+    first, cache, _ = prefill(model, req, model.init_cache(B, capacity, max_block=1))
+    live = req.max_new > 0
+    out = jnp.full((B, out_len), PAD, jnp.int32)
+    out = append_tokens(out, jnp.zeros((B,), jnp.int32), first[:, None], live.astype(jnp.int32))
+    count = live.astype(jnp.int32)
+    done = ~live | is_stop(first, req.stop_ids) | (count >= req.max_new)
+    return DecodeState(cache=cache, lengths=req.prompt_lens, pending=first, out=out, count=count, done=done, req=req)
+
+
+def step(model, state: DecodeState) -> DecodeState:
+    """Feed each row's pending token, sample the next one; finished rows are left unchanged."""
+    req = state.req
+    hidden, cache, _ = model(state.pending[:, None], state.lengths, state.cache)
+    probs = sampling.probabilities(model.logits(hidden[:, 0]), req.sampling)
+    token = sampling.sample(sampling.step_keys(req.keys, sampling.SALT_TOKEN, state.lengths + 1), probs)
+    active = ~state.done
+    grow = active.astype(jnp.int32)
+    out = append_tokens(state.out, state.count, token[:, None], grow)
+    count = state.count + grow
+    done = state.done | (active & (is_stop(token, req.stop_ids) | (count >= req.max_new)))
+    return dataclasses.replace(
+        state,
+        cache=cache,
+        lengths=state.lengths + grow,
+        pending=jnp.where(active, token, state.pending),
+        out=out,
+        count=count,
+        done=done,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len"))
+def generate_loop(graphdef, params, req: Requests, *, capacity: int, out_len: int):
+    """Prefill and decode every row to completion inside one compiled `while_loop`."""
+    model = nnx.merge(graphdef, params)
+    state = start(model, req, capacity, out_len)
+    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: step(model, s), state)
+    return state.out, state.count
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len"))
+def start_jit(graphdef, params, req: Requests, *, capacity: int, out_len: int) -> DecodeState:
+    return start(nnx.merge(graphdef, params), req, capacity, out_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def step_jit(graphdef, params, state: DecodeState) -> DecodeState:
+    return step(nnx.merge(graphdef, params), state)

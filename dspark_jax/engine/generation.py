@@ -1,0 +1,368 @@
+"""Public generation API: `generate` (whole loop compiled) and `stream` (a Python loop over the compiled step).
+
+Validates requests, buckets shapes (batch, prompt length, token budget: powers of two) so a long job compiles
+a handful of programs, builds per-row sampling settings, stop sets and keys, runs plain AR decoding
+(`draft=None`) or speculative decoding, and returns tokens in input order with statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from dspark_jax.config import SamplingParams
+from dspark_jax.engine import decode, sampling, spec
+from dspark_jax.errors import ConfigError, InputError
+from dspark_jax.handles import Draft, Target
+from dspark_jax.sharding import shard_array
+
+MIN_PROMPT_BUCKET = 16
+MIN_NEW_BUCKET = 16
+STOP_SLOTS = 8
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Statistics of one `generate` call. Lists are per prompt, in input order.
+
+    A round is one target forward after prefill (one AR step, or one speculative round). Acceptance
+    lengths count the bonus/correction token (the paper's tau), except on a round ended by a stop token.
+    `prefix_survival[i]` = P(drafts 0..i all accepted | >= i+1 proposed) (the reference's accept_rate@i);
+    `conditional_acceptance[i]` = P(draft i accepted | drafts 0..i-1 accepted and draft i proposed).
+    """
+
+    rounds: list[int]
+    acceptance_lengths: list[list[int]]
+    proposal_lengths: list[list[int]]
+    accepted_draft_lengths: list[list[int]]
+    num_generated: list[int]
+    finish_reasons: list[str]
+    mean_acceptance_length: float
+    draft_tokens_per_proposal: float
+    verify_rate: float
+    prefix_survival: list[float | None]
+    conditional_acceptance: list[float | None]
+    wall_time_s: float
+    tokens_per_second: float
+
+    @classmethod
+    def from_rounds(cls, acceptance, proposal, accepted, num_generated, finish_reasons, K, wall_time_s) -> GenerationStats:
+        acc_all = [x for row in acceptance for x in row]
+        prop_all = [x for row in proposal for x in row]
+        a_all = [x for row in accepted for x in row]
+        rounds = len(acc_all)
+        survival, conditional = [], []
+        for i in range(K):
+            proposed = sum(1 for n in prop_all if n > i)
+            survived = sum(1 for a in a_all if a > i)
+            reached = sum(1 for a, n in zip(a_all, prop_all) if a >= i and n > i)
+            survival.append(survived / proposed if proposed else None)
+            conditional.append(survived / reached if reached else None)
+        total = sum(num_generated)
+        return cls(
+            rounds=[len(r) for r in acceptance],
+            acceptance_lengths=acceptance,
+            proposal_lengths=proposal,
+            accepted_draft_lengths=accepted,
+            num_generated=list(num_generated),
+            finish_reasons=list(finish_reasons),
+            mean_acceptance_length=sum(acc_all) / rounds if rounds else 0.0,
+            draft_tokens_per_proposal=sum(prop_all) / rounds if rounds else 0.0,
+            verify_rate=sum(acc_all) / (sum(prop_all) + rounds) if rounds else 0.0,
+            prefix_survival=survival,
+            conditional_acceptance=conditional,
+            wall_time_s=wall_time_s,
+            tokens_per_second=total / wall_time_s if wall_time_s > 0 else 0.0,
+        )
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    stats: GenerationStats
+
+
+def check_pair(target: Target, draft: Draft) -> None:
+    """Raise `ConfigError` if `draft` cannot serve `target` (each proposer knows its own requirements)."""
+    if not isinstance(target, Target):
+        raise ConfigError(f"target must be a loaded target (dj.load_target(...)), got {type(target).__name__}")
+    if not isinstance(draft, Draft):
+        raise ConfigError(f"draft must be a loaded draft (dj.load_draft(...), dj.prompt_lookup(...)) or None, got {type(draft).__name__}")
+    draft.module.check_target(target.config)
+
+
+def _draft_length(draft: Draft, K: int | None) -> int:
+    limit = draft.module.max_draft_length
+    K = limit if K is None else int(K)
+    if not 1 <= K <= limit:
+        raise ConfigError(f"draft length K={K} must be between 1 and this draft's maximum {limit}")
+    return K
+
+
+def _as_token_lists(target: Target, prompts) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise InputError("prompts must be a list of prompts (token-id lists or strings), e.g. [[1, 2, 3]] or ['hi']")
+    if len(prompts) == 0:
+        raise InputError("prompts is empty: pass at least one prompt")
+    out = []
+    V = target.config.vocab_size
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if target.directory is None:
+                raise InputError(f"prompt {i} is text but this target has no tokenizer; pass token ids")
+            p = target.tokenizer.encode(p)
+        try:
+            ids = [int(x) for x in p]
+        except (TypeError, ValueError) as e:
+            raise InputError(f"prompt {i} must be a string or a list of integer token ids: {e}") from e
+        if not ids:
+            raise InputError(f"prompt {i} is empty: every prompt needs at least one token")
+        bad = [x for x in ids if not 0 <= x < V]
+        if bad:
+            raise InputError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary [0, {V})")
+        out.append(ids)
+    return out
+
+
+def _stop_matrix(stop_ids: Sequence[int], rows: int, vocab: int) -> np.ndarray:
+    ids = list(dict.fromkeys(int(x) for x in stop_ids))
+    for x in ids:
+        if not 0 <= x < vocab:
+            raise InputError(f"stop token id {x} is outside the vocabulary [0, {vocab})")
+    slots = bucket(len(ids), STOP_SLOTS)
+    mat = np.full((rows, slots), -1, np.int32)
+    mat[:, : len(ids)] = ids
+    return mat
+
+
+def build_requests(
+    target: Target,
+    prompts,
+    *,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    stop_token_ids,
+    confidence_threshold,
+    row_ids: Sequence[int] | None = None,
+    extra_capacity: int = 0,
+) -> tuple[decode.Requests, list[list[int]], dict]:
+    """Validate and pad a batch. -> (requests, prompt token lists, static shapes)."""
+    token_lists = _as_token_lists(target, prompts)
+    n = len(token_lists)
+    max_new = np.broadcast_to(np.asarray(max_new_tokens), (n,)) if np.ndim(max_new_tokens) == 0 else np.asarray(max_new_tokens)
+    if max_new.shape != (n,) or not np.all((max_new >= 1) & (max_new == np.round(max_new))):
+        raise InputError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1 (or one per prompt)")
+    max_new = max_new.astype(np.int64)
+    lengths = np.array([len(t) for t in token_lists])
+    limit = target.config.max_position_embeddings
+    over = np.nonzero(lengths + max_new > limit)[0]
+    if len(over):
+        i = int(over[0])
+        raise InputError(
+            f"prompt {i}: {lengths[i]} prompt tokens + max_new_tokens {max_new[i]} = {lengths[i] + max_new[i]} exceeds the "
+            f"model's capacity of {limit} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens"
+        )
+    B = bucket(n)
+    T = bucket(int(lengths.max()), MIN_PROMPT_BUCKET)
+    M = bucket(int(max_new.max()), MIN_NEW_BUCKET)
+    tokens = np.zeros((B, T), np.int32)
+    for i, ids in enumerate(token_lists):
+        tokens[i, : len(ids)] = ids
+    prompt_lens = np.ones(B, np.int32)
+    prompt_lens[:n] = lengths
+    budget = np.zeros(B, np.int32)
+    budget[:n] = max_new
+
+    def per_row(value, name):
+        arr = np.asarray(value, dtype=np.float64)
+        if arr.ndim == 0:
+            return np.full(B, arr)
+        if arr.shape != (n,):
+            raise InputError(f"{name} must be a scalar or one value per prompt ({n}), got {arr.shape}")
+        return np.concatenate([arr, np.full(B - n, arr[0])])
+
+    params = SamplingParams.create(
+        B,
+        temperature=per_row(temperature, "temperature"),
+        top_k=per_row(top_k, "top_k"),
+        top_p=per_row(top_p, "top_p"),
+        confidence_threshold=per_row(confidence_threshold, "confidence_threshold"),
+    )
+    stops = target.stop_token_ids if stop_token_ids is None else stop_token_ids
+    rows = np.arange(B) if row_ids is None else np.asarray(list(row_ids) + list(range(B - n)), np.int64)
+    if rows.shape != (B,):
+        raise InputError(f"row_ids must give one id per prompt ({n})")
+    seeds = per_row(seed, "seed").astype(np.int64)
+    if np.any(seeds < 0) or np.any(seeds >= 2**32) or np.any(rows < 0) or np.any(rows >= 2**32):
+        raise InputError("seed and row ids must be integers in [0, 2**32)")
+    keys = sampling.row_keys(jnp.asarray(seeds.astype(np.uint32)), jnp.asarray(rows.astype(np.uint32)))
+    req = decode.Requests(
+        tokens=jnp.asarray(tokens),
+        prompt_lens=jnp.asarray(prompt_lens),
+        max_new=jnp.asarray(budget),
+        sampling=params,
+        stop_ids=jnp.asarray(_stop_matrix(stops, B, target.config.vocab_size)),
+        keys=keys,
+    )
+    mesh = _mesh_of(target)
+    if mesh is not None:  # requests over the data axis, like the parameters' own placement
+        req = jax.tree.map(lambda x: shard_array(x, ("batch",) + (None,) * (x.ndim - 1), mesh), req)
+    shapes = {"capacity": T + M + extra_capacity + 1, "out_len": M + extra_capacity + 1}
+    return req, token_lists, shapes
+
+
+def _mesh_of(target: Target):
+    """The mesh the target's parameters live on, if they were loaded sharded."""
+    sharding = getattr(jax.tree.leaves(target.params)[0], "sharding", None)
+    return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def _finish(out, count, token_lists, max_new, stop_ids) -> tuple[list[list[int]], list[str]]:
+    stops = set(int(x) for x in stop_ids)
+    tokens, reasons = [], []
+    for i in range(len(token_lists)):
+        row = [int(x) for x in out[i, : count[i]]][: int(max_new[i])]
+        cut = next((j for j, x in enumerate(row) if x in stops), None)
+        if cut is not None:
+            row = row[: cut + 1]
+        tokens.append(row)
+        reasons.append("stop" if cut is not None else "length")
+    return tokens, reasons
+
+
+def _prepare(target: Target, draft: Draft | None, prompts, draft_length, row_ids, **settings):
+    """Validate a request batch. -> (K, requests, prompt token lists, static shapes, stop ids)."""
+    K = 0
+    if draft is not None:
+        check_pair(target, draft)
+        K = _draft_length(draft, draft_length)
+    req, token_lists, shapes = build_requests(target, prompts, row_ids=row_ids, extra_capacity=K, **settings)
+    if draft is not None and not draft.module.has_confidence and bool(np.any(np.asarray(req.sampling.confidence_threshold) > 0)):
+        raise ConfigError(
+            "confidence_threshold > 0 needs a draft with a confidence head; this one has none (e.g. DFlash or prompt "
+            "lookup), so every round would propose nothing. Pass confidence_threshold=0"
+        )
+    stops = target.stop_token_ids if settings["stop_token_ids"] is None else settings["stop_token_ids"]
+    return K, req, token_lists, shapes, stops
+
+
+def generate(
+    target: Target,
+    draft: Draft | None,
+    prompts,
+    *,
+    max_new_tokens: int,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    seed=0,
+    stop_token_ids: Sequence[int] | None = None,
+    confidence_threshold=0.0,
+    draft_length: int | None = None,
+    row_ids: Sequence[int] | None = None,
+) -> GenerationResult:
+    """Generate for a batch of prompts; `draft=None` is plain autoregressive decoding.
+
+    `prompts`: token-id lists or strings (tokenised with the target's tokenizer, no chat template).
+    Sampling settings may be scalars or one value per prompt. `stop_token_ids=None` uses the target's
+    generation config; pass `[]` for none. `draft_length` (K) defaults to the draft's block size.
+    `row_ids` (default 0..n-1) name each row's random stream: row i draws from `(seed, row_ids[i])` only.
+    Returns tokens per prompt (input order, cut after the first stop token inclusive) and statistics.
+    """
+    K, req, token_lists, shapes, stops = _prepare(
+        target, draft, prompts, draft_length, row_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
+    )
+    n = len(token_lists)
+    max_new = np.asarray(req.max_new)[:n]
+    t0 = time.perf_counter()
+    if draft is None:
+        out, count = decode.generate_loop(target.graphdef, target.params, req, **shapes)
+        out, count = np.asarray(out), np.asarray(count)
+        wall = time.perf_counter() - t0
+        tokens, reasons = _finish(out, count, token_lists, max_new, stops)
+        steps = [[1] * max(0, int(c) - 1) for c in count[:n]]
+        stats = GenerationStats.from_rounds(steps, [[0] * len(s) for s in steps], [[0] * len(s) for s in steps],
+                                            [len(t) for t in tokens], reasons, 0, wall)
+        return GenerationResult(tokens=tokens, stats=stats)
+    state = spec.generate_loop(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
+    out, count = np.asarray(state.out), np.asarray(state.count)
+    wall = time.perf_counter() - t0
+    tokens, reasons = _finish(out, count, token_lists, max_new, stops)
+    return GenerationResult(tokens=tokens, stats=_spec_stats(state, n, tokens, reasons, K, wall))
+
+
+def _spec_stats(state: spec.SpecState, n, tokens, reasons, K, wall) -> GenerationStats:
+    rounds = np.asarray(state.rounds)[:n]
+    acc, prop, a = (np.asarray(x) for x in (state.acceptance_lengths, state.proposal_lengths, state.accepted_lengths))
+    lists = [[row[: rounds[i]].tolist() for i, row in enumerate(arr[:n])] for arr in (acc, prop, a)]
+    return GenerationStats.from_rounds(*lists, [len(t) for t in tokens], reasons, K, wall)
+
+
+def stream(
+    target: Target,
+    draft: Draft | None,
+    prompts,
+    *,
+    max_new_tokens: int,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    seed=0,
+    stop_token_ids: Sequence[int] | None = None,
+    confidence_threshold=0.0,
+    draft_length: int | None = None,
+    row_ids: Sequence[int] | None = None,
+) -> Iterator[list[list[int]]]:
+    """Yield, after prefill and after every round, the tokens each prompt gained (a list per prompt).
+
+    Runs the same compiled step as `generate` from Python, one round at a time, for notebooks and UIs.
+    The concatenation of what is yielded equals `generate(...).tokens` for the same arguments.
+    """
+    K, req, token_lists, shapes, stops = _prepare(
+        target, draft, prompts, draft_length, row_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
+    )
+    n = len(token_lists)
+    max_new = np.asarray(req.max_new)[:n]
+    stops = set(int(x) for x in stops)
+    if draft is None:
+        state = decode.start_jit(target.graphdef, target.params, req, **shapes)
+        advance = lambda s: decode.step_jit(target.graphdef, target.params, s)
+    else:
+        state = spec.start_jit(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
+        advance = lambda s: spec.spec_step(target.graphdef, target.params, draft.graphdef, draft.params, s, K=K,
+                                           capacity=shapes["capacity"])
+    emitted = [0] * n
+    finished = [False] * n
+    while True:
+        out, count, done = np.asarray(state.out), np.asarray(state.count), np.asarray(state.done)
+        fresh = []
+        for i in range(n):
+            new = []
+            if not finished[i]:
+                for x in out[i, emitted[i] : min(int(count[i]), int(max_new[i]))]:
+                    new.append(int(x))
+                    if int(x) in stops:
+                        finished[i] = True
+                        break
+                emitted[i] += len(new)
+            fresh.append(new)
+        yield fresh
+        if bool(np.all(done[:n])):
+            return
+        state = advance(state)

@@ -1,0 +1,68 @@
+"""Verification of a drafted block: exact speculative rejection sampling, per row.
+
+Draft token `x_i` (i = 1..n) is accepted when `u_i < min(1, p_t[i-1, x_i] / max(p_d[i-1, x_i], 1e-8))`; `a` is
+the length of the accepted prefix. If a rejection happened (`a < n`) the next token is drawn from the
+normalised residual `max(0, p_t[a] - p_d[a])` (the target row itself if the residual vanishes), otherwise a
+bonus token is drawn from `p_t[n]`. With one-hot (greedy) distributions this reduces to "accept while equal
+to the target argmax, then emit the target argmax". A stop token among the accepted drafts ends the row
+there: `a` is cut to include it and no next token is emitted (docs/algorithm.md §5.3).
+
+A deterministic proposer (prompt lookup) passes no draft distributions: its drafts are one-hot, so the
+acceptance ratio is the target's probability of the draft and the residual is the target row without it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dspark_jax.engine import sampling
+
+
+def is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    """`tokens [B, ...]` in each row's stop set `stop_ids [B, NS]` (padded with -1)."""
+    stops = stop_ids.reshape(stop_ids.shape[:1] + (1,) * (tokens.ndim - 1) + stop_ids.shape[1:])
+    return jnp.any((tokens[..., None] == stops) & (stops >= 0), axis=-1)
+
+
+def verify(
+    drafts: jax.Array,
+    p_draft: jax.Array | None,
+    p_target: jax.Array,
+    num_proposed: jax.Array,
+    stop_ids: jax.Array,
+    row_keys: jax.Array,
+    lengths: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """-> (accepted `a [B]`, next token `[B]`, terminated by a stop token `[B]`).
+
+    `drafts [B, K]` were sampled from `p_draft [B, K, V]` (None: one-hot at the drafts); `p_target [B, K + 1, V]` is the target's
+    distribution after the anchor and each draft; only the first `num_proposed [B]` drafts count.
+    Randomness: acceptance uniforms and the residual draw are keyed by the row and its position.
+    """
+    B, K = drafts.shape
+    idx = drafts[..., None]
+    q = jnp.take_along_axis(p_target[:, :K], idx, axis=-1)[..., 0]
+    p = 1.0 if p_draft is None else jnp.maximum(jnp.take_along_axis(p_draft, idx, axis=-1)[..., 0], 1e-8)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (K,)))(sampling.step_keys(row_keys, sampling.SALT_ACCEPT, lengths))
+    ok = (u < jnp.minimum(1.0, q / p)) & (jnp.arange(K)[None, :] < num_proposed[:, None])
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+
+    stop_hit = is_stop(drafts, stop_ids) & (jnp.arange(K)[None, :] < accepted[:, None])
+    terminated = jnp.any(stop_hit, axis=1)
+    accepted = jnp.where(terminated, jnp.argmax(stop_hit, axis=1) + 1, accepted)
+
+    rows = jnp.arange(B)
+    target_row = p_target[rows, accepted]
+    at = jnp.minimum(accepted, K - 1)
+    if p_draft is None:
+        draft_row = jax.nn.one_hot(drafts[rows, at], p_target.shape[-1], dtype=p_target.dtype)
+    else:
+        draft_row = p_draft[rows, at]
+    residual = jnp.maximum(target_row - draft_row, 0.0)
+    mass = jnp.sum(residual, axis=-1, keepdims=True)
+    residual = jnp.where(mass <= 1e-8, target_row, residual / jnp.maximum(mass, 1e-8))
+    rejected = accepted < num_proposed
+    next_probs = jnp.where(rejected[:, None], residual, target_row)
+    keys = sampling.step_keys(row_keys, sampling.SALT_RESIDUAL, lengths + accepted + 1)
+    return accepted, sampling.sample(keys, next_probs), terminated

@@ -1,0 +1,93 @@
+"""`dspark-jax batch --input prompts.jsonl --output answers.jsonl`: a resumable batch generation job.
+
+Input lines: `{"turns": [...]}` (prompt sets; the first turn is used), `{"prompt": "..."}` or
+`{"messages": [{"role", "content"}...]}`, each optionally with `id` and per-line `temperature`, `top_k`,
+`top_p`, `max_new_tokens`, `seed`. Output lines: `{"id", "text", "tokens", "finish_reason",
+"acceptance_length", "rounds"}`, in completion order. Kill it at any time and rerun the same command to finish.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from dspark_jax.tools.commands.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    draft_choice,
+    make_draft,
+    resolve_dtype,
+)
+
+
+def add_arguments(parser):
+    parser.add_argument("--input", required=True, help="JSONL prompts: turns / prompt / messages lines")
+    parser.add_argument("--output", required=True, help="JSONL answers; an existing file of the same job is resumed")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (answers do not depend on it)")
+    parser.add_argument("--no-chat", action="store_true", help="feed the raw text instead of applying the chat template")
+    parser.add_argument("--strict", action="store_true", help="fail on the first malformed input line instead of skipping it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    import dspark_jax as dj
+    from dspark_jax import assets
+    from dspark_jax.errors import ConfigError, InputError
+    from dspark_jax.tools import batch
+
+    input_path = Path(args.input)
+    if not input_path.is_file():
+        raise InputError(f"--input {input_path} is not a file; pass a JSONL file of prompts")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    target_dir = Path(args.target) if args.target is not None else assets.TARGET
+    draft_dir = draft_choice(args)
+    no_draft = draft_dir is None
+    for flag, directory, given in (("--target", target_dir, args.target), ("--draft", draft_dir, args.draft)):
+        if isinstance(directory, Path) and not directory.is_dir():
+            if given is None:
+                raise InputError(f"the built-in checkpoint {directory} (default of {flag}) is not installed; "
+                                 f"pass {flag} DIR with a checkpoint directory")
+            raise InputError(f"{flag} {directory} is not a directory; pass {flag} DIR with a checkpoint directory")
+    settings = batch.Settings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        confidence_threshold=args.confidence_threshold,
+        draft_length=None if no_draft else args.draft_length,
+        chat=not args.no_chat,
+    )
+    for name in batch.LINE_SETTINGS:  # the flags obey the same rules as per-line values
+        try:
+            batch.check_setting(name, getattr(settings, name))
+        except ValueError as e:
+            raise InputError(f"--{name.replace('_', '-')}: {e}") from None
+
+    # Cheap checks first: a refused resume or a --strict failure should not wait for the weights to load.
+    inputs = batch.read_prompts(input_path)
+    batch.report_bad(inputs.bad, args.input, strict=args.strict)
+    if not inputs.prompts:
+        raise InputError(f"{args.input} has no valid prompt lines")
+    dtype = resolve_dtype(args.dtype)
+    job = batch.fingerprint(inputs, target_dir, draft_dir, dtype, settings)
+    with batch.AnswerFile.open(args.output, job) as answers:
+        if answers.truncated_bytes:
+            print(f"{args.output}: dropped a partial last line ({answers.truncated_bytes} bytes) of an interrupted run",
+                  file=sys.stderr)
+        target = draft = None  # not loaded when every prompt is already answered
+        if batch.pending_prompts(inputs.prompts, answers):
+            target = dj.load_target(target_dir, dtype=dtype)
+            draft = make_draft(draft_dir, dtype)
+            if settings.chat and not target.tokenizer.chat_template:
+                raise ConfigError(f"{target_dir} has no chat template; pass --no-chat to feed the prompts as raw text")
+        summary = batch.run(
+            target, draft, inputs.prompts, answers, settings, batch_size=args.batch_size, progress=not args.no_progress,
+            on_bad=lambda late: batch.report_bad(late, args.input, strict=args.strict),
+        )
+    summary.skipped = inputs.bad + summary.skipped
+    print(summary.text(args.input, speculative=draft_dir is not None))
+    return 0

@@ -1,0 +1,78 @@
+"""Argument groups and helpers shared by CLI subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, draft: bool = True) -> None:
+    parser.add_argument("--target", default=None, help="target checkpoint directory (default: the built-in trained target)")
+    if draft:
+        parser.add_argument(
+            "--draft", default=None,
+            help="draft checkpoint directory, 'prompt-lookup' (model-free n-gram drafts) or 'none' (plain AR); default: "
+                 "the built-in DSpark draft with the built-in target, plain AR with --target",
+        )
+        parser.add_argument("--draft-length", type=int, default=None, help="draft tokens per round K (default: block size)")
+    parser.add_argument("--dtype", default="auto",
+                        help="parameter dtype: bfloat16, float16, float32, or auto (float32 on CPU, where XLA has no fast bf16 "
+                             "matmul; bfloat16 on accelerators)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--confidence-threshold", type=float, default=0.0, help="0 = propose the whole block")
+
+
+def resolve_dtype(name: str) -> str:
+    """`auto` -> float32 on the CPU backend, bfloat16 elsewhere; any other name unchanged."""
+    if name != "auto":
+        return name
+    import jax
+
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+PROMPT_LOOKUP = "prompt-lookup"
+
+
+def draft_choice(args):
+    """What `--draft` asks for: None (plain AR), `PROMPT_LOOKUP`, or a checkpoint directory (`Path`).
+
+    Without `--draft`, the built-in target gets the built-in DSpark draft; a user's `--target` gets plain AR
+    (the built-in draft was trained for the built-in target only)."""
+    from pathlib import Path
+
+    from dspark_jax import assets
+
+    value = getattr(args, "draft", "none")
+    if value is None:
+        return assets.DSPARK_DRAFT if getattr(args, "target", None) is None else None
+    if str(value).lower() == "none":
+        return None
+    if str(value).lower() == PROMPT_LOOKUP:
+        return PROMPT_LOOKUP
+    return Path(value)
+
+
+def make_draft(choice, dtype: str):
+    import dspark_jax as dj
+
+    if choice is None:
+        return None
+    if choice == PROMPT_LOOKUP:
+        return dj.prompt_lookup()
+    return dj.load_draft(choice, dtype=dtype)
+
+
+def load_models(args):
+    """(target, draft or None) from `--target/--draft/--dtype`, defaulting to the built-in pair."""
+    import dspark_jax as dj
+
+    dtype = resolve_dtype(args.dtype)
+    target = dj.load_target(args.target, dtype=dtype)
+    return target, make_draft(draft_choice(args), dtype)
