@@ -33,8 +33,9 @@ def load_target(path=None, dtype="bfloat16", mesh=None) -> Target:
 
 
 def load_draft(path=None, dtype="bfloat16", mesh=None) -> Draft:
-    """Load a DSpark / DFlash draft in the DeepSpec checkpoint layout."""
-    from dspark_jax.proposers.dspark_checkpoint import load_draft as load
+    """Load a trained draft: DSpark / DFlash (DeepSpec layout) or EAGLE-3 (DeepSpec's or the reduced-vocabulary
+    layout), chosen by the checkpoint's `architectures`."""
+    from dspark_jax.proposers import load_draft as load
 
     if path is None:
         from dspark_jax import assets

@@ -2,5 +2,29 @@
 
 * `dspark`: DSpark / DFlash drafts (a family backbone, Markov head, confidence head), loaded from the
   DeepSpec layout by `dspark_checkpoint`;
+* `eagle3`: EAGLE-3 drafts (one decoder layer over fused target features, a chain drafted token by token),
+  loaded by `eagle3_checkpoint` (docs/eagle3.md);
 * `prompt_lookup`: model-free n-gram drafting from the row's own context.
+
+`load_draft` is the one entry point for trained drafts: it picks the loader from `architectures` in the
+checkpoint's `config.json`.
 """
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_draft(path, dtype="bfloat16", mesh=None):
+    """Load a draft checkpoint directory: EAGLE-3 (`Qwen3Eagle3Model`, `LlamaForCausalLMEagle3`) or DSpark / DFlash."""
+    from dspark_jax.config import read_json
+    from dspark_jax.errors import CheckpointError
+    from dspark_jax.proposers import dspark_checkpoint, eagle3_checkpoint
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"draft checkpoint directory {directory} does not exist")
+    archs = read_json(directory / "config.json").get("architectures") or []
+    if archs and archs[0] in eagle3_checkpoint.ARCHITECTURES:
+        return eagle3_checkpoint.load_draft(directory, dtype=dtype, mesh=mesh)
+    return dspark_checkpoint.load_draft(directory, dtype=dtype, mesh=mesh)
