@@ -215,7 +215,7 @@ def worker(args) -> int:
             continue
         t0 = time.perf_counter()
         res = dj.generate(target, draft if req["mode"] == "spec" else None, req["prompts"], max_new_tokens=req["max_new_tokens"],
-                          temperature=0.0, stop_token_ids=[])
+                          temperature=0.0, stop_token_ids=[], **json.loads(args.generate_kwargs))
         wall = time.perf_counter() - t0
         rounds = getattr(getattr(res, "stats", None), "rounds", None)
         proto.write(json.dumps({"wall_s": wall, "rounds": max(rounds) if rounds else None,
@@ -234,10 +234,11 @@ def worker_argv(args) -> list[str]:
 class Worker:
     """A worker process for one tree: `ask(request) -> reply`, both JSON objects."""
 
-    def __init__(self, name: str, root: Path, args):
+    def __init__(self, name: str, root: Path, args, generate_kwargs: str = "{}"):
         self.name = name
         self.log_file = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--expect-root", str(root), *worker_argv(args)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--expect-root", str(root), *worker_argv(args),
+               "--generate-kwargs", generate_kwargs]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file, text=True,
                                      env=worker_env(root), cwd=tempfile.gettempdir())
         self.info = self._read()
@@ -357,6 +358,9 @@ def main(argv=None) -> int:
     p.add_argument("--tolerance", type=float, default=0.05, help="'no worse' means head/base <= 1 + tolerance")
     p.add_argument("--name", default="ab_runtime")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--head-kwargs", default="{}", help='extra dj.generate keyword arguments (JSON) for the head tree only, '
+                   'e.g. \'{"unroll_layers": true}\'')
+    p.add_argument("--generate-kwargs", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--expect-root", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -396,7 +400,7 @@ def main(argv=None) -> int:
         workers = {}
         for side, (spec, root, kind) in sides.items():
             log(f"{side}: {spec} ({kind}, {describe_tree(root)['label']}): starting its worker")
-            workers[side] = w = Worker(side, root, args)
+            workers[side] = w = Worker(side, root, args, args.head_kwargs if side == "head" else "{}")
             stack.callback(w.close)
             meta[side] = {"spec": spec, "tree": kind, **describe_tree(root), "library_file": w.info["library_file"],
                           "target_params": w.info["target_params"], "draft_params": w.info["draft_params"],

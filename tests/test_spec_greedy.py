@@ -123,3 +123,15 @@ def test_stream_yields_what_generate_returns(models):
         for row, new in zip(pieces, fresh):
             row.extend(new)
     assert pieces == dj.generate(target, draft, PROMPTS, **kwargs).tokens
+
+
+@pytest.mark.parametrize("kind", ["mixed"])
+def test_unrolled_layers_give_identical_outputs(models, kind):
+    """`unroll_layers` changes how the layer loop is compiled, never what it computes."""
+    target, draft = models[kind]
+    kwargs = dict(max_new_tokens=NEW, stop_token_ids=[], temperature=0.9, seed=5)
+    for d in (None, draft):
+        scanned = dj.generate(target, d, PROMPTS, **kwargs)
+        unrolled = dj.generate(target, d, PROMPTS, unroll_layers=True, **kwargs)
+        assert unrolled.tokens == scanned.tokens
+        assert unrolled.stats.acceptance_lengths == scanned.stats.acceptance_lengths

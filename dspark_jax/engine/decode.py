@@ -7,6 +7,7 @@ is drawn with `fold_in(row_key, SALT_TOKEN, p)`, so a row's samples never depend
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -18,6 +19,7 @@ from flax import nnx
 from dspark_jax.config import SamplingParams
 from dspark_jax.engine import sampling
 from dspark_jax.engine.verify import is_stop
+from dspark_jax.layers import stack
 
 PAD = -1
 
@@ -101,12 +103,15 @@ def step(model, state: DecodeState) -> DecodeState:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len"))
-def generate_loop(graphdef, params, req: Requests, *, capacity: int, out_len: int):
-    """Prefill and decode every row to completion inside one compiled `while_loop`."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len", "unroll_layers"))
+def generate_loop(graphdef, params, req: Requests, *, capacity: int, out_len: int, unroll_layers: bool = False):
+    """Prefill and decode every row to completion inside one compiled `while_loop`.
+
+    `unroll_layers`: the decode loop runs the layers unrolled on weights sliced once (`layers.stack.unrolled`)."""
     model = nnx.merge(graphdef, params)
     state = start(model, req, capacity, out_len)
-    state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: step(model, s), state)
+    with stack.unrolled(model) if unroll_layers else contextlib.nullcontext():
+        state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: step(model, s), state)
     return state.out, state.count
 
 

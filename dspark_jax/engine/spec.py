@@ -12,6 +12,7 @@ caches and state are opaque pytrees.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -23,6 +24,7 @@ from flax import nnx
 from dspark_jax.engine import decode, sampling
 from dspark_jax.engine.decode import Requests
 from dspark_jax.engine.verify import is_stop, verify
+from dspark_jax.layers import stack
 
 
 @jax.tree_util.register_dataclass
@@ -134,12 +136,16 @@ def _merge(target_graph, target_params, proposer_graph, proposer_params):
 STATIC = ("target_graph", "proposer_graph", "K", "capacity", "out_len")
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
-def generate_loop(target_graph, target_params, proposer_graph, proposer_params, req: Requests, *, K, capacity, out_len):
-    """Prefill and run speculative rounds for every row to completion inside one compiled `while_loop`."""
+@functools.partial(jax.jit, static_argnames=STATIC + ("unroll_layers",))
+def generate_loop(target_graph, target_params, proposer_graph, proposer_params, req: Requests, *, K, capacity, out_len,
+                  unroll_layers: bool = False):
+    """Prefill and run speculative rounds for every row to completion inside one compiled `while_loop`.
+
+    `unroll_layers`: the rounds run the layers unrolled on weights sliced once (`layers.stack.unrolled`)."""
     target, proposer = _merge(target_graph, target_params, proposer_graph, proposer_params)
     state = start(target, proposer, req, K, capacity, out_len)
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: step(target, proposer, s, K, capacity), state)
+    with stack.unrolled(target, proposer) if unroll_layers else contextlib.nullcontext():
+        return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: step(target, proposer, s, K, capacity), state)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)

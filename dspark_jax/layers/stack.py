@@ -8,10 +8,18 @@ repetition, the pattern unrolled inside it. `LayerMap` tells the checkpoint rule
 
 `Capture` collects hidden states at HF `output_hidden_states` indices inside the scan without keeping every
 layer's output: a buffer indexed by capture slot, written only at the requested layers.
+
+`unrolled(model)`: inside this block, the groups of `model` run as a Python loop over per-repetition
+parameter slices taken once, where the block is entered. XLA:CPU copies a layer's weight slice out of the
+stacked array on every scan iteration (it cannot hand a dynamic slice to its matmul), which doubles the weight
+traffic of memory-bound decoding; a decode loop entered inside `unrolled` slices once per call instead, at
+the price of a compile time that grows with depth again (benchmarks/README.md has both measured).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 
@@ -52,6 +60,25 @@ class Group(nnx.Module):
         return self.start + np.arange(self.n)[:, None] * self.period + np.arange(self.period)[None, :]
 
 
+_UNROLLED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("unrolled_layer_groups", default=None)
+
+
+@contextlib.contextmanager
+def unrolled(*modules: nnx.Module):
+    """Run the layer groups of `modules` unrolled, on parameter slices taken here (see the module docstring)."""
+    table = dict(_UNROLLED.get() or {})
+    for module in modules:
+        for _, node in nnx.iter_graph(module):
+            if isinstance(node, Group):
+                state = nnx.state(node.layers)
+                table[id(node.layers)] = [jax.tree.map(lambda a, r=r: a[r], state) for r in range(node.n)]
+    token = _UNROLLED.set(table)
+    try:
+        yield
+    finally:
+        _UNROLLED.reset(token)
+
+
 def scan(group: Group, fn: Callable, carry, xs=None, *, remat: bool = False):
     """`fn(layers, carry, x) -> (carry, y)` once per repetition of `group`, over its stacked parameters.
 
@@ -59,6 +86,13 @@ def scan(group: Group, fn: Callable, carry, xs=None, *, remat: bool = False):
     leading `[n]` axis, or None) are sliced alongside. Returns `(carry, ys)` like `lax.scan`.
     """
     graphdef, state = nnx.split(group.layers)
+    sliced = (_UNROLLED.get() or {}).get(id(group.layers))
+    if sliced is not None:
+        ys = []
+        for r, st in enumerate(sliced):
+            carry, y = fn(tuple(nnx.merge(graphdef, st)), carry, None if xs is None else jax.tree.map(lambda a, r=r: a[r], xs))
+            ys.append(y)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
     def body(c, inp):
         st, x = inp
