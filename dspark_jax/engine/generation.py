@@ -274,6 +274,7 @@ def generate(
     confidence_threshold=0.0,
     draft_length: int | None = None,
     row_ids: Sequence[int] | None = None,
+    unroll_layers: bool = False,
 ) -> GenerationResult:
     """Generate for a batch of prompts; `draft=None` is plain autoregressive decoding.
 
@@ -281,6 +282,9 @@ def generate(
     Sampling settings may be scalars or one value per prompt. `stop_token_ids=None` uses the target's
     generation config; pass `[]` for none. `draft_length` (K) defaults to the draft's block size.
     `row_ids` (default 0..n-1) name each row's random stream: row i draws from `(seed, row_ids[i])` only.
+    `unroll_layers=True` runs the decode loop's layers unrolled on weights sliced once per call instead of
+    under `lax.scan`: faster decoding where the backend copies a scanned layer's weights every step (XLA:CPU),
+    a compile time that grows with depth (`layers.stack`). Outputs are identical.
     Returns tokens per prompt (input order, cut after the first stop token inclusive) and statistics.
     """
     K, req, token_lists, shapes, stops = _prepare(
@@ -291,7 +295,7 @@ def generate(
     max_new = np.asarray(req.max_new)[:n]
     t0 = time.perf_counter()
     if draft is None:
-        out, count = decode.generate_loop(target.graphdef, target.params, req, **shapes)
+        out, count = decode.generate_loop(target.graphdef, target.params, req, unroll_layers=bool(unroll_layers), **shapes)
         out, count = np.asarray(out), np.asarray(count)
         wall = time.perf_counter() - t0
         tokens, reasons = _finish(out, count, token_lists, max_new, stops)
@@ -299,7 +303,8 @@ def generate(
         stats = GenerationStats.from_rounds(steps, [[0] * len(s) for s in steps], [[0] * len(s) for s in steps],
                                             [len(t) for t in tokens], reasons, 0, wall)
         return GenerationResult(tokens=tokens, stats=stats)
-    state = spec.generate_loop(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
+    state = spec.generate_loop(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K,
+                               unroll_layers=bool(unroll_layers), **shapes)
     out, count = np.asarray(state.out), np.asarray(state.count)
     wall = time.perf_counter() - t0
     tokens, reasons = _finish(out, count, token_lists, max_new, stops)
