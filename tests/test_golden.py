@@ -1,4 +1,5 @@
-"""Every case of the golden reference data (outputs of the PyTorch reference, tests/data/golden/README.md).
+"""Every DSpark / DFlash case of the golden reference data (outputs of the PyTorch reference,
+tests/data/golden/README.md). EAGLE-3 cases have their own semantics and test (tests/test_eagle3_golden.py).
 
 Integers must match exactly; floats per tensor within 3e-5 * max(1, max |reference|).
 """
@@ -18,7 +19,15 @@ import dspark_jax as dj
 from dspark_jax.config import SamplingParams
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
-CASES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
+
+
+def _dspark_case(folder: Path) -> bool:
+    """A case whose draft is a DeepSpec DSpark / DFlash model (`Qwen3DSparkModel`, `Gemma4DSparkModel`)."""
+    archs = json.loads((folder / "draft" / "config.json").read_text()).get("architectures") or [""]
+    return archs[0].endswith("DSparkModel")
+
+
+CASES = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir() and _dspark_case(p))
 
 
 def close(ours, ref, what):

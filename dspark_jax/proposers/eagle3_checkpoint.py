@@ -183,7 +183,7 @@ def load_draft(path: str | Path, dtype="bfloat16", mesh=None) -> Draft:
         raise CheckpointError(f"{directory}: no embed_tokens.weight; copy the target's input embedding into the draft "
                               "checkpoint (docs/eagle3.md §1.2)")
     graphdef, state = abstract(lambda: Eagle3Draft(config, Init(nnx.Rngs(0), dt)))
-    weights = state.filter(nnx.Param)
+    weights = nnx.filter_state(state, nnx.Param)
     params = fill(weights, directory, rules(config), dtype=dt, mesh=mesh, layer_map=None,
                   ignore=lambda key: strip_prefix(key) in VOCAB_KEYS, rename=strip_prefix)
     flat = list(nnx.to_flat_state(params))
