@@ -165,8 +165,12 @@ def convert(
     layer_map=None,
     ignore: Callable[[str], bool] = lambda key: False,
     rename: Callable[[str], str] = lambda key: key,
+    dtypes: dict[tuple, np.dtype] | None = None,
 ) -> dict[tuple, object]:
-    """Fill the parameters `abstract` (`{path: shape}`) from `(key, array, file)` tensors -> `{path: placed}`."""
+    """Fill the parameters `abstract` (`{path: shape}`) from `(key, array, file)` tensors -> `{path: placed}`.
+
+    Tensors are cast to `dtype`, or to `dtypes[path]` for the parameters it lists (e.g. a float32 router in
+    a bfloat16 model)."""
     compiled = [(_template_regex(template), targets) for template, targets in rules]
     filled: dict[tuple, object] = {}
     source_of: dict[tuple, str] = {}
@@ -195,7 +199,7 @@ def convert(
                     f"tensor {raw_key!r} in {file} has shape {tuple(array.shape)}, expected {tuple(expected_src(dst_shape))} "
                     f"for parameter {format_path(path)}; the checkpoint does not match its config.json"
                 )
-            value = np.asarray(transform(array, dst_shape)).astype(dtype)
+            value = np.asarray(transform(array, dst_shape)).astype(dtypes.get(path, dtype) if dtypes else dtype)
             if not stack:
                 if path in filled:
                     raise FormatError(
@@ -210,7 +214,7 @@ def convert(
             lead = full_shape[: len(stack)]
             if not all(0 <= s < n for s, n in zip(stack, lead)):
                 raise FormatError(f"tensor {raw_key!r} in {file}: index {stack} out of range {lead}")
-            buf, done = stacks.setdefault(path, (np.zeros(full_shape, dtype), np.zeros(lead, bool)))
+            buf, done = stacks.setdefault(path, (np.zeros(full_shape, value.dtype), np.zeros(lead, bool)))
             if done[stack]:
                 raise FormatError(f"tensor {raw_key!r} in {file} sets {format_path(path)}{list(stack)} twice")
             buf[stack] = value

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
+from converters import fp8
 from converters import loading as conversion
 from converters import safetensors_io
 from converters.errors import FormatError
@@ -80,16 +81,23 @@ def fill(state: nnx.State, directory: Path, rules, *, dtype, mesh, layer_map, ig
     """Parameters of `state` (abstract) from the safetensors / .bin files of `directory`."""
     flat = dict(nnx.to_flat_state(state))
     shapes = {path: tuple(var.get_value().shape) for path, var in flat.items()}
+    # parameters a module keeps in another dtype than the model's (a float32 router) keep it
+    dtypes = {path: np.dtype(var.get_value().dtype) for path, var in flat.items()
+              if np.dtype(var.get_value().dtype) != np.dtype(dtype)}
+    ignore = ignore or (lambda key: False)
     try:
+        # block-scaled FP8 weights are dequantised as they stream; skipped keys are never read
+        tensors = fp8.dequantize_stream(safetensors_io.iter_checkpoint(directory), fp8.block_size_of(directory), skip=ignore)
         filled = conversion.convert(
             shapes,
-            safetensors_io.iter_checkpoint(directory),
+            tensors,
             rules,
             dtype=dtype,
             place=_placer(state, mesh),
             layer_map=layer_map,
-            ignore=ignore or (lambda key: False),
+            ignore=ignore,
             rename=rename or (lambda key: key),
+            dtypes=dtypes,
         )
     except CheckpointError:
         raise

@@ -13,6 +13,7 @@ from dspark_jax.models.family import Family
 FAMILIES = (
     "dspark_jax.models.qwen3",
     "dspark_jax.models.gemma4",
+    "dspark_jax.models.deepseek_v3",
 )
 
 
