@@ -12,6 +12,7 @@ from dspark_jax.config import RopeConfig, SamplingParams
 from dspark_jax.engine.generation import GenerationResult, GenerationStats, check_pair, generate, stream
 from dspark_jax.errors import CheckpointError, ConfigError, DSparkError, InputError
 from dspark_jax.handles import Draft, Target
+from dspark_jax.models.deepseek_v3.config import DeepseekV3Config
 from dspark_jax.models.gemma4.config import Gemma4Config
 from dspark_jax.models.qwen3.config import Qwen3Config
 from dspark_jax.proposers.dspark import DraftConfig
@@ -33,8 +34,9 @@ def load_target(path=None, dtype="bfloat16", mesh=None) -> Target:
 
 
 def load_draft(path=None, dtype="bfloat16", mesh=None) -> Draft:
-    """Load a trained draft: DSpark / DFlash (DeepSpec layout) or EAGLE-3 (DeepSpec's or the reduced-vocabulary
-    layout), chosen by the checkpoint's `architectures`."""
+    """Load a trained draft: DSpark / DFlash (DeepSpec layout), EAGLE-3 (DeepSpec's or the reduced-vocabulary
+    layout), chosen by the checkpoint's `architectures`, or the MTP module of a DeepSeek-V3 target checkpoint
+    directory (MTP-1, or chained MTP-k with `draft_length=k`)."""
     from dspark_jax.proposers import load_draft as load
 
     if path is None:
@@ -48,6 +50,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DSparkError",
+    "DeepseekV3Config",
     "Draft",
     "DraftConfig",
     "GenerationResult",
