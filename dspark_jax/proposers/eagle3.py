@@ -244,13 +244,15 @@ class Eagle3Draft(nnx.Module):
         full = jnp.full(out.shape[:-1] + (self.config.vocab_size,), -jnp.inf, jnp.float32)
         return full.at[..., self.vocab_map[...]].set(out)
 
-    def sample_chain(self, state: Eagle3State, anchor, lengths, params: SamplingParams, keys, steps: int) -> Chain:
+    def sample_chain(self, state: Eagle3State, anchor, lengths, params: SamplingParams, keys, steps: int,
+                     forced: jax.Array | None = None) -> Chain:
         """Process `steps` entries and draw one token after each (docs/eagle3.md §5).
 
         Entry 0 is the context entry of position `lengths - 1` (its projected features, token = anchor); entry
         k >= 1 is drafted: residual `h_{k-1}`, token `x_k`, position `lengths - 1 + k`. Entry k's output `h_k`
         gives the logits of `x_{k+1}` (position `lengths + k + 1`). Each entry attends to the committed context
-        entries (positions `< lengths - 1`) and to the chain's entries up to itself.
+        entries (positions `< lengths - 1`) and to the chain's entries up to itself. `forced [B, steps]`, if
+        given, replaces the drawn tokens fed to the next entries (teacher forcing, as in training, §8).
         """
         B = anchor.shape[0]
         c = self.config.layer
@@ -261,8 +263,9 @@ class Eagle3Draft(nnx.Module):
         own_mask = jnp.ones((B, 1, 1), bool)
         fresh = jnp.zeros((B, steps, c.num_kv_heads, c.head_dim), self.dtype)
 
-        def body(carry, k):
+        def body(carry, xs):
             residual, token, fk, fv = carry
+            k, given = xs
             cos, sin = self.rope((lengths - 1 + k)[:, None])
             earlier = jnp.broadcast_to((jnp.arange(steps) < k)[None, None, :], (B, 1, steps))
             out = self.layer(self.embed(token[:, None]), residual[:, None], cos, sin,
@@ -274,10 +277,11 @@ class Eagle3Draft(nnx.Module):
             probs = sampling.probabilities(logits, params)
             drawn = sampling.sample(sampling.step_keys(keys, sampling.SALT_DRAFT, lengths + k + 1), probs)
             ys = (drawn, probs, logits, h, out.attn_input[:, 0], out.attn_output[:, 0], out.mlp_output[:, 0])
-            return (h, drawn, fk, fv), ys
+            return (h, drawn if forced is None else given, fk, fv), ys
 
         start = state.residual[rows, lengths - 1]
-        _, ys = jax.lax.scan(body, (start, anchor, fresh, fresh), jnp.arange(steps))
+        given = jnp.zeros((steps, B), jnp.int32) if forced is None else jnp.swapaxes(forced, 0, 1)
+        _, ys = jax.lax.scan(body, (start, anchor, fresh, fresh), (jnp.arange(steps), given))
         return Chain(*(jnp.swapaxes(y, 0, 1) for y in ys))
 
     def layer_map(self):

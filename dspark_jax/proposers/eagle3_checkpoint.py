@@ -99,7 +99,7 @@ def parse_draft_config(path: Path) -> Eagle3Config:
     return Eagle3Config(
         layer=layer, target_layer_ids=ids, draft_length=int(cfg.get("ttt_length") or DEFAULT_DRAFT_LENGTH),
         layout=REDUCED_VOCAB, num_target_layers=int(cfg["num_target_layers"]) if cfg.get("num_target_layers") else None,
-        draft_vocab_size=draft_vocab,
+        draft_vocab_size=draft_vocab if draft_vocab < V else None,  # a full draft vocabulary needs no mapping
         target_hidden_size=int(target_hidden) if target_hidden and int(target_hidden) != layer.hidden_size else None,
     )
 
@@ -171,7 +171,8 @@ def load_draft(path: str | Path, dtype="bfloat16", mesh=None) -> Draft:
         raise CheckpointError(f"draft checkpoint directory {directory} does not exist")
     dt = check_dtype(dtype)
     config = parse_draft_config(directory / "config.json")
-    extra, keys = _read(directory, VOCAB_KEYS if config.reduced_vocab else ())
+    reduced_layout = config.layout == REDUCED_VOCAB
+    extra, keys = _read(directory, VOCAB_KEYS if reduced_layout else ())
     prefix = "layers.0." if config.layout == DEEPSPEC else "midlayer."
     if prefix + "self_attn.q_proj.weight" in keys and prefix + "self_attn.q_norm.weight" not in keys:
         raise ConfigError(
@@ -185,7 +186,7 @@ def load_draft(path: str | Path, dtype="bfloat16", mesh=None) -> Draft:
     graphdef, state = abstract(lambda: Eagle3Draft(config, Init(nnx.Rngs(0), dt)))
     weights = nnx.filter_state(state, nnx.Param)
     params = fill(weights, directory, rules(config), dtype=dt, mesh=mesh, layer_map=None,
-                  ignore=lambda key: strip_prefix(key) in VOCAB_KEYS, rename=strip_prefix)
+                  ignore=lambda key: reduced_layout and strip_prefix(key) in VOCAB_KEYS, rename=strip_prefix)
     flat = list(nnx.to_flat_state(params))
     if config.reduced_vocab:
         if "d2t" not in extra:
@@ -193,8 +194,8 @@ def load_draft(path: str | Path, dtype="bfloat16", mesh=None) -> Draft:
                                   f"{config.vocab_size}) needs its d2t tensor")
         ids = vocab_map(extra["d2t"], extra.get("t2d"), config, str(directory))
         flat.append((("vocab_map",), VocabMap(jax.device_put(ids), axes=("vocab",))))
-    elif "d2t" in keys:
-        raise CheckpointError(f"{directory}: d2t present but draft_vocab_size equals vocab_size")
+    elif "d2t" in extra and np.any(np.asarray(extra["d2t"]) != 0):
+        raise CheckpointError(f"{directory}: draft_vocab_size equals vocab_size but d2t is not the identity")
     return Draft(config=config, graphdef=graphdef, params=nnx.from_flat_state(flat), dtype=dt, directory=directory)
 
 

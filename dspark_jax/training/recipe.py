@@ -8,8 +8,9 @@ default. Layout (defaults in the dataclasses below):
     train_cache: DIR         # target cache of the training data (`dspark-jax build-cache`)
     eval_cache: DIR          # optional held-out cache for periodic evaluation
     output_dir: DIR          # checkpoints/, metrics.jsonl, and the exported draft (draft/)
-    draft: {num_layers, block_size, target_layer_ids, mask_token_id, markov_rank, markov_head_type,
-            confidence_head, confidence_head_with_markov, intermediate_size, num_anchors, init_from}
+    draft: {kind, num_layers, block_size, target_layer_ids, mask_token_id, markov_rank, markov_head_type,
+            confidence_head, confidence_head_with_markov, intermediate_size, num_anchors, init_from,
+            ttt_length, step_loss_decay}
     loss: {ce, l1, conf, decay_gamma}
     optimizer: {lr, warmup_ratio, weight_decay, max_grad_norm}
     batch_size, grad_accum, steps | epochs, max_length, length_buckets, length_grouping, seed, compute_dtype,
@@ -28,9 +29,12 @@ from typing import Any
 from dspark_jax.errors import ConfigError
 from dspark_jax.training.losses import LossWeights
 
+DRAFT_KINDS = ("dspark", "eagle3")
+
 
 @dataclasses.dataclass(frozen=True)
 class DraftSpec:
+    kind: str = "dspark"  # "dspark" (DSpark / DFlash) or "eagle3" (docs/eagle3.md §8)
     num_layers: int = 1
     block_size: int = 7
     target_layer_ids: tuple[int, ...] = ()
@@ -42,6 +46,8 @@ class DraftSpec:
     intermediate_size: int | None = None
     num_anchors: int = 512
     init_from: str | None = None  # an existing draft directory to continue from instead of a fresh init
+    ttt_length: int = 7  # eagle3: training-time-test steps, also the chain length it drafts
+    step_loss_decay: float = 0.8  # eagle3: the loss of step j is weighted by step_loss_decay ** j
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +150,10 @@ def parse_recipe(data: dict, where: str = "recipe") -> DraftRecipe:
         raise ConfigError(f"{where}: compute_dtype must be 'float32' or 'bfloat16'")
     if not recipe.draft.target_layer_ids:
         raise ConfigError(f"{where}.draft: target_layer_ids is required")
+    if recipe.draft.kind not in DRAFT_KINDS:
+        raise ConfigError(f"{where}.draft: kind {recipe.draft.kind!r} is not one of {DRAFT_KINDS}")
+    if recipe.draft.kind == "eagle3" and (recipe.draft.num_layers != 1 or int(recipe.draft.ttt_length) < 1):
+        raise ConfigError(f"{where}.draft: an EAGLE-3 draft has num_layers 1 and ttt_length >= 1 (docs/eagle3.md §7)")
     return recipe
 
 

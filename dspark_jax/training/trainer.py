@@ -38,7 +38,7 @@ from dspark_jax.training.losses import LossWeights, block_statistics, block_term
 from dspark_jax.training.recipe import DraftRecipe
 from dspark_jax.training.target_cache import TargetCache
 
-FROZEN = (("backbone", "embed_tokens"), ("backbone", "lm_head"))
+FROZEN = (("backbone", "embed_tokens"), ("backbone", "lm_head"), ("embed_tokens",), ("lm_head",))  # DSpark, EAGLE-3
 
 
 def is_frozen(path, _value) -> bool:
@@ -80,7 +80,13 @@ def make_batch(cache: TargetCache, ids, *, max_length: int, buckets, dtype, rows
 def draft_objective(draft, batch: Batch, key: jax.Array, *, num_anchors: int, weights: LossWeights, chunk_blocks: int,
                     remat: bool = False):
     """(loss, (loss parts, acceptance statistics)) of one micro-batch."""
+    from dspark_jax.proposers.eagle3 import Eagle3Draft
+    from dspark_jax.training import eagle3
+
     cfg = draft.config
+    if isinstance(draft, Eagle3Draft):  # training-time test, docs/eagle3.md §8
+        return eagle3.objective(draft, batch.input_ids, batch.loss_mask, batch.lengths, batch.features, batch.last_hidden,
+                                steps=cfg.draft_length, decay=cfg.step_loss_decay, remat=remat)
     anchors, keep = sample_anchors(key, batch.loss_mask, batch.lengths, num_anchors)
     t = block_targets(batch.input_ids, batch.loss_mask, batch.lengths, anchors, keep, cfg.block_size, cfg.mask_token_id)
     hidden = block_hidden_train(draft, batch.features, t.block_ids, t.positions, keep, remat=remat)
@@ -171,7 +177,6 @@ class DraftTrainer:
 
     def __init__(self, recipe: DraftRecipe, *, target: Target | None = None, draft: Draft | None = None):
         import dspark_jax as dj
-        from dspark_jax.proposers.dspark import DSparkDraft
         from dspark_jax.training.init import draft_config_from_target, init_from_target
 
         self.recipe = r = recipe
@@ -180,6 +185,11 @@ class DraftTrainer:
         self.eval_cache = TargetCache(r.eval_cache) if r.eval_cache else None
         if draft is None and r.draft.init_from:
             draft = dj.load_draft(r.draft.init_from, dtype="float32")
+        if draft is None and r.draft.kind == "eagle3":
+            from dspark_jax.training import eagle3
+
+            draft = eagle3.init_from_target(self.target, eagle3.draft_config_from_recipe(self.target.config, r.draft),
+                                            seed=r.seed)
         if draft is None:
             d = r.draft
             mask = d.mask_token_id if d.mask_token_id is not None else mask_token_of(Path(r.target))
@@ -191,13 +201,14 @@ class DraftTrainer:
             )
             draft = init_from_target(self.target, cfg, seed=r.seed)
         self.config = draft.config
+        self.module_class = type(draft.module)
         for cache in (self.train_cache, self.eval_cache):
             if cache is not None:
                 cache.check_draft(self.config)
         self.dtype = jnp.dtype(r.compute_dtype)
         graphdef, frozen, trainable = nnx.split(draft.module, is_frozen, ...)
         # The compute graph is built for `compute_dtype` (RoPE tables, casts); masters stay fp32.
-        self.graphdef = nnx.split(nnx.eval_shape(lambda: DSparkDraft(self.config, Init(nnx.Rngs(0), self.dtype))),
+        self.graphdef = nnx.split(nnx.eval_shape(lambda: self.module_class(self.config, Init(nnx.Rngs(0), self.dtype))),
                                   is_frozen, ...)[0]
         self.frozen = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), frozen)
         self.trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
@@ -208,7 +219,7 @@ class DraftTrainer:
         self.opt_state = self.tx.init(self.trainable)
         self.step = 0
         self._epoch: tuple = (None, [])
-        self.statics = dict(num_anchors=self.config.num_anchors, weights=r.loss, chunk_blocks=r.chunk_blocks, dtype=self.dtype)
+        self.statics = dict(num_anchors=getattr(self.config, "num_anchors", 0), weights=r.loss, chunk_blocks=r.chunk_blocks, dtype=self.dtype)
 
     def _total_micro_steps(self) -> int:
         r = self.recipe
@@ -219,12 +230,10 @@ class DraftTrainer:
     # --- state ----------------------------------------------------------------------------------
     def draft(self, dtype=None) -> Draft:
         """The current draft as a `Draft` handle (parameters cast to `dtype`, default fp32)."""
-        from dspark_jax.proposers.dspark import DSparkDraft
-
         dt = jnp.dtype(dtype or "float32")
         module = nnx.merge(self.graphdef, self.frozen, self.trainable)
         _, params = nnx.split(module)
-        graphdef = nnx.split(nnx.eval_shape(lambda: DSparkDraft(self.config, Init(nnx.Rngs(0), dt))))[0]
+        graphdef = nnx.split(nnx.eval_shape(lambda: self.module_class(self.config, Init(nnx.Rngs(0), dt))))[0]
         params = jax.tree.map(lambda x: x.astype(dt), params)
         return Draft(config=self.config, graphdef=graphdef, params=params, dtype=dt)
 
@@ -328,7 +337,10 @@ class DraftTrainer:
 
     def export(self, directory=None, dtype: str | None = None) -> Path:
         """Write the draft (DeepSpec layout) to `directory` (default `output_dir/draft`)."""
-        from dspark_jax.proposers.dspark_checkpoint import export_draft
+        from dspark_jax.proposers import dspark_checkpoint, eagle3_checkpoint
+        from dspark_jax.proposers.eagle3 import Eagle3Draft
+
+        export_draft = eagle3_checkpoint.export_draft if self.module_class is Eagle3Draft else dspark_checkpoint.export_draft
 
         directory = Path(directory or self.recipe.output / "draft")
         base = json.loads((Path(self.recipe.target) / "config.json").read_text()) if Path(self.recipe.target, "config.json").exists() else None
