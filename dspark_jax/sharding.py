@@ -1,8 +1,12 @@
 """Logical axis names -> mesh axes. The only module that names mesh axes.
 
 Parameters carry logical axes as NNX metadata (`nnx.Param(value, axes=(...))`); caches name theirs in
-`cache.py`. `shard_tree` places a pytree on a mesh following `RULES`; a dimension that the mesh axis does
-not divide evenly is replicated instead (a 2-KV-head model on a 4-way model axis still runs).
+`layers/kv_cache.py` (`CACHE_AXES`), activations where they are made. Placement is declared once here
+(`RULES`) and enforced in two places: loading puts parameters where their axes say (`partition_spec`), and
+inside compiled programs `constrain` pins caches and activations to the mesh the program runs under
+(`jax.set_mesh`, entered by the engine when the target's parameters are sharded; without a mesh it does
+nothing). A dimension that the mesh axis does not divide evenly is replicated instead (a 2-KV-head model on a
+4-way model axis still runs). Experts are split over the model axis (expert parallelism, `layers/moe.py`).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ RULES: Mapping[str, str | None] = {
     "kv_heads": MODEL,
     "head_dim": None,
     "mlp": MODEL,
-    "experts": None,
+    "experts": MODEL,
     "cache_seq": None,
+    "layers": None,
     "features": None,
     "rank": None,
 }
@@ -41,6 +46,25 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
     if data * model != len(devices):
         raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(data, model), (DATA, MODEL))
+
+
+def active_mesh():
+    """The mesh of the `jax.set_mesh` context being traced under, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty or mesh.size <= 1 else mesh
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Pin `x` (logical `axes`) to the active mesh inside a compiled program; without a mesh, `x` unchanged."""
+    mesh = active_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, partition_spec(x.shape, axes, mesh))
+
+
+def mesh_axis(logical: str):
+    """The mesh axis a logical axis maps to (None: replicated)."""
+    return RULES.get(logical)
 
 
 def partition_spec(shape: tuple[int, ...], axes: tuple[str | None, ...] | None, mesh: Mesh) -> PartitionSpec:

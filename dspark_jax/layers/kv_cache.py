@@ -18,7 +18,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import sharding
+
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+ACTIVATION_AXES = ("batch", None, "embed")  # the residual stream [B, T, D]
 
 
 @jax.tree_util.register_dataclass
@@ -34,14 +37,20 @@ Cache = tuple[tuple[LayerKV, ...], ...]  # per group, per pattern position
 
 
 def allocate(batch: int, shapes, dtype) -> Cache:
-    """Zeros for `shapes[group][position] = (n, slots, kv_heads, key_dim, value_dim)`."""
-    return tuple(
+    """Zeros for `shapes[group][position] = (n, slots, kv_heads, key_dim, value_dim)`, placed by `CACHE_AXES`
+    (rows over the data axis, KV heads over the model axis) when a mesh is active."""
+    return constrain(tuple(
         tuple(
             LayerKV(k=jnp.zeros((n, batch, s, g, hk), dtype), v=jnp.zeros((n, batch, s, g, hv), dtype))
             for n, s, g, hk, hv in group
         )
         for group in shapes
-    )
+    ))
+
+
+def constrain(cache: Cache) -> Cache:
+    """Every cache array pinned to `CACHE_AXES` on the active mesh (no-op without one)."""
+    return jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES), cache)
 
 
 def slot_positions(lengths: jax.Array, num_slots: int) -> jax.Array:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax import sharding
 from dspark_jax.layers import kv_cache as kv
 from dspark_jax.layers import stack
 from dspark_jax.layers.attention import attention
@@ -388,14 +389,14 @@ class Gemma4Model(nnx.Module):
             valid = num_valid if t == SLIDING else None
             return kv.LayerKV(kv.write(layer_cache.k, k, lengths, valid), kv.write(layer_cache.v, v, lengths, valid))
 
-        x = self.embed(tokens)
+        x = sharding.constrain(self.embed(tokens), kv.ACTIVATION_AXES)
         ple = self.per_layer_inputs(tokens, x) if c.hidden_size_per_layer_input else None
         cap = stack.Capture(capture, c.num_layers)
         buf = cap.record(cap.buffer(x), 0, x)
         x, cache, buf = self._stack(x, ple, geometry, cache, write=write, cap=cap, buf=buf)
         x = self.final_norm(x)
         buf = cap.record(buf, c.num_layers, x)
-        return x, cache, cap.features(buf)
+        return x, kv.constrain(cache), cap.features(buf)
 
     # --- draft forward (the family's DSpark/DFlash backbone) ---------------------------------------------
     def context_kv(self, context: jax.Array, positions: jax.Array) -> kv.Cache:

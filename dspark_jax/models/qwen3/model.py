@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import sharding
 from dspark_jax.layers import kv_cache as kv
 from dspark_jax.layers import stack
 from dspark_jax.layers.attention import attention
@@ -176,7 +177,7 @@ class Qwen3Model(nnx.Module):
         positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         cos, sin = self.rope(positions)
         fresh_mask = kv.block_mask(B, T, causal=True)
-        x = self.embed(tokens)
+        x = sharding.constrain(self.embed(tokens), kv.ACTIVATION_AXES)
         cap = stack.Capture(capture, self.config.num_layers)
         buf = cap.record(cap.buffer(x), 0, x)
         cached_mask = kv.cached_mask(positions, lengths, cache[0][0].k.shape[2])  # every layer's cache is linear
@@ -198,7 +199,7 @@ class Qwen3Model(nnx.Module):
             new_cache.append(group_cache)
         x = self.final_norm(x)
         buf = cap.record(buf, self.config.num_layers, x)
-        return x, tuple(new_cache), cap.features(buf)
+        return x, kv.constrain(tuple(new_cache)), cap.features(buf)
 
     # --- draft forward (the family's DSpark/DFlash backbone) ---------------------------------------------
     def context_kv(self, context: jax.Array, positions: jax.Array) -> kv.Cache:
