@@ -263,6 +263,8 @@ def test_deepspec_layout_refusals(tmp_path):
         dj.load_draft(variant("emb", target_layer_ids=[-1, 1, 2, 4, 5]))
     with pytest.raises(ConfigError, match="reduced draft vocabulary"):
         dj.load_draft(variant("vocab", draft_vocab_size=64))
+    with pytest.raises(ConfigError, match="Gemma4Eagle3Model"):
+        dj.load_draft(variant("gemma", architectures=["Gemma4Eagle3Model"]))
     draft = dj.load_draft(variant("last", target_layer_ids=[1, 2, 4, 5, 7]), dtype="float32")
     target = dj.load_target(GOLDEN / "target", dtype="float32")
     with pytest.raises(ConfigError, match="last layer"):

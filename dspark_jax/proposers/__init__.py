@@ -32,6 +32,6 @@ def load_draft(path, dtype="bfloat16", mesh=None):
     if mtp_checkpoint.is_mtp_directory(directory):  # a DeepSeek-V3 target checkpoint: its MTP module
         return mtp_checkpoint.load_mtp(directory, dtype=dtype, mesh=mesh)
     archs = read_json(directory / "config.json").get("architectures") or []
-    if archs and archs[0] in eagle3_checkpoint.ARCHITECTURES:
+    if archs and "Eagle3" in str(archs[0]):  # unsupported EAGLE-3 variants are refused by name there
         return eagle3_checkpoint.load_draft(directory, dtype=dtype, mesh=mesh)
     return dspark_checkpoint.load_draft(directory, dtype=dtype, mesh=mesh)

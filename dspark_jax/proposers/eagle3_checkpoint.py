@@ -59,7 +59,8 @@ def parse_draft_config(path: Path) -> Eagle3Config:
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in ARCHITECTURES:
-        raise ConfigError(f"{where}: architectures {arch!r} is not an EAGLE-3 draft; supported: {', '.join(ARCHITECTURES)}")
+        raise ConfigError(f"{where}: EAGLE-3 architecture {arch!r} is not supported (EAGLE-3 layers are built from Qwen3 "
+                          f"blocks, docs/eagle3.md §7); supported: {', '.join(ARCHITECTURES)}")
     layers = int(require(cfg, "num_hidden_layers", where))
     layers = int(cfg.get("draft_num_hidden_layers") or layers)
     if layers != 1:
