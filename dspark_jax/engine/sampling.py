@@ -1,16 +1,23 @@
 """Logits processing and sampling, per row and fully traced.
 
-`probabilities` turns logits into the distribution a row samples from: greedy rows (temperature 0) get the
-one-hot of the first argmax; others get temperature scaling, then top-k, then top-p (HF logits-warper
-order and semantics; tokens tied with the last kept value are kept). The same function produces the draft
-and the target distributions of speculative decoding, so the acceptance ratio always compares the two
-distributions that are actually sampled from.
+`probabilities` turns logits into the distribution a row samples from: greedy rows (temperature below
+`GREEDY_TEMPERATURE`, the reference's threshold) get the one-hot of the first argmax; others get temperature
+scaling, then top-k, then top-p (HF logits-warper order and semantics; tokens tied with the last kept value are
+kept). The same function produces the draft and the target distributions of speculative decoding, so the
+acceptance ratio always compares the two distributions that are actually sampled from.
+
+`sample` draws a token from a row's distribution exactly at any vocabulary size (docs/algorithm.md §3.5):
+every token with `p > 0` is reachable, and its probability of being drawn equals `p / sum(p)` up to float32
+rounding of the ratios involved (a relative error of about 1e-6), however small `p` is relative to the rest.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from dspark_jax.config import SamplingParams
 
@@ -19,6 +26,10 @@ SALT_TOKEN = 1
 SALT_DRAFT = 2
 SALT_ACCEPT = 3
 SALT_RESIDUAL = 4
+
+# Temperatures below this are greedy (docs/algorithm.md §3.4): dividing logits by a tiny positive temperature
+# overflows to inf and gives NaN probabilities.
+GREEDY_TEMPERATURE = 1e-5
 
 
 def _per_row(x: jax.Array, ndim: int) -> jax.Array:
@@ -42,30 +53,125 @@ def _filter(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
+def is_greedy(temperature: jax.Array) -> jax.Array:
+    return temperature < GREEDY_TEMPERATURE
+
+
 def probabilities(logits: jax.Array, params: SamplingParams) -> jax.Array:
     """fp32 distribution `[B, ..., V]` from logits `[B, ..., V]` under each row's sampling settings."""
     logits = logits.astype(jnp.float32)
     nd = logits.ndim
     temperature = _per_row(params.temperature, nd)
-    greedy = temperature <= 0
+    greedy = is_greedy(temperature)
     scaled = logits / jnp.where(greedy, 1.0, temperature)
-    needs_filter = jnp.any(((params.top_k > 0) | (params.top_p < 1)) & (params.temperature > 0))
+    needs_filter = jnp.any(((params.top_k > 0) | (params.top_p < 1)) & ~is_greedy(params.temperature))
     scaled = jax.lax.cond(needs_filter, lambda s: _filter(s, params.top_k, params.top_p), lambda s: s, scaled)
     sampled = jax.nn.softmax(scaled, axis=-1)
     one_hot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
     return jnp.where(greedy, one_hot, sampled)
 
 
+# ---------------------------------------------------------------------------------------------- uniforms
+
+
+def unit_floats(bits: jax.Array) -> jax.Array:
+    """Uniforms in (0, 1) from `bits u32[..., 3]`, with full relative precision near 0.
+
+    The mantissa is 23 random bits and the binade `[2^-e, 2^-e+1)` is chosen with probability `2^-e` from the
+    leading zeros of 64 more bits, so `P(u < s) = s` holds exactly for every float32 `s` in `[2^-64, 1]`
+    (docs/algorithm.md §3.5). `jax.random.uniform` instead returns multiples of `2^-23`, which makes every
+    event rarer than that (a tiny token, a tiny acceptance ratio) come out with the wrong probability.
+    """
+    bits = bits.astype(jnp.uint32)
+    mantissa = bits[..., 0] >> 9
+    hi, lo = bits[..., 1], bits[..., 2]
+    e = jnp.where(hi != 0, lax.clz(hi) + 1, jnp.where(lo != 0, lax.clz(lo) + 33, jnp.uint32(65)))
+    return lax.bitcast_convert_type(((jnp.uint32(127) - e) << 23) | mantissa, jnp.float32)
+
+
+def uniforms(keys: jax.Array, n: int) -> jax.Array:
+    """`[B, n]` full-precision uniforms (`unit_floats`), row `b` from `keys[b]` only."""
+    return unit_floats(jax.vmap(lambda k: jax.random.bits(k, (n, 3), jnp.uint32))(keys))
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def layout(V: int) -> tuple[int, int, int]:
+    """Two-level split of a vocabulary: (block size C, blocks NB = ceil(V / C), NB padded to a power of two).
+
+    C is the power of two at or above sqrt(V): 512 blocks of 512 slots (297 used) for V = 151,936."""
+    C = 1 << math.isqrt(V - 1).bit_length()  # ceil(sqrt(V)) rounded up to a power of two
+    NB = -(-V // C)
+    return C, NB, 1 << max(0, (NB - 1).bit_length())
+
+
+def num_uniforms(V: int) -> int:
+    """Uniforms one draw over a vocabulary of `V` consumes (one per level of the two sum trees)."""
+    C, _, NBp = layout(V)
+    return (NBp.bit_length() - 1) + (C.bit_length() - 1)
+
+
+def _halve(x: jax.Array) -> jax.Array:
+    """One level of a pairwise sum tree along the last axis: node `i` = fl(x[2i] + x[2i+1])."""
+    return x[..., 0::2] + x[..., 1::2]
+
+
+def _tree(leaves: jax.Array) -> list[jax.Array]:
+    """All levels of the pairwise sum tree over `leaves [B, 2^d]`, from the leaves to the root `[B, 1]`."""
+    levels = [leaves]
+    while levels[-1].shape[-1] > 1:
+        levels.append(_halve(levels[-1]))
+    return levels
+
+
+def _descend(levels: list[jax.Array], u: jax.Array) -> jax.Array:
+    """Walk a sum tree from the root with one uniform per level. -> leaf index `[B]`.
+
+    At a node with children masses `L`, `R` the walk goes to the lighter child iff `u < min(L, R) / (L + R)`,
+    so each step is taken with the exact float32 ratio, whichever side is tiny (a zero child is never entered).
+    `L + R` is the parent as the tree stored it, so the ratios along a path telescope to `leaf / root`.
+    """
+    node = jnp.zeros(u.shape[:1], jnp.int32)
+    for depth, level in enumerate(reversed(levels[:-1])):
+        pair = jnp.take_along_axis(level, 2 * node[:, None] + jnp.arange(2)[None, :], axis=-1)
+        left, right = pair[:, 0], pair[:, 1]
+        left_lighter = left <= right
+        ratio = jnp.where(left_lighter, left, right) / (left + right)
+        go_left = (u[:, depth] < ratio) == left_lighter
+        node = 2 * node + jnp.where(go_left, 0, 1)
+    return node
+
+
+def lookup(probs: jax.Array, u: jax.Array) -> jax.Array:
+    """The token of each row of `probs [B, V]` (non-negative, possibly unnormalised) chosen by the uniforms
+    `u [B, num_uniforms(V)]`: a block of the vocabulary from the block masses, then a token inside it.
+
+    Both levels are walks down pairwise sum trees (`_descend`); the block masses are the roots of the
+    in-block trees, computed by the same additions, so `P(token) = p / sum(p)` up to float32 rounding of the
+    ratios. A row of zeros returns `V - 1`.
+    """
+    B, V = probs.shape
+    C, NB, NBp = layout(V)
+    x = jnp.pad(probs.astype(jnp.float32), ((0, 0), (0, NB * C - V))).reshape(B, NB, C)
+    masses = x
+    while masses.shape[-1] > 1:
+        masses = _halve(masses)
+    masses = jnp.pad(masses[..., 0], ((0, 0), (0, NBp - NB)))
+    d1 = NBp.bit_length() - 1
+    block = _descend(_tree(masses), u[:, :d1])
+    row = jnp.take_along_axis(x, block[:, None, None], axis=1)[:, 0]
+    within = _descend(_tree(row), u[:, d1:])
+    return jnp.minimum(block * C + within, V - 1).astype(jnp.int32)
+
+
 def sample(keys: jax.Array, probs: jax.Array) -> jax.Array:
     """One token per row from (possibly unnormalised) `probs [B, V]` with per-row `keys [B]`.
 
-    Inverse CDF with one uniform per row: the token is the first index whose cumulative mass exceeds
-    `u * total`, which always has non-zero probability. One random number per row instead of `V` keeps
-    sampling cheap at real vocabulary sizes.
+    Exact at any vocabulary size (docs/algorithm.md §3.5): `lookup` with `num_uniforms(V)` full-precision
+    uniforms per row (18 at V = 151,936), so randomness stays one key per (row, role, position).
     """
-    cdf = jnp.cumsum(probs, axis=-1)
-    u = jax.vmap(lambda k: jax.random.uniform(k))(keys) * cdf[:, -1]
-    return jnp.minimum(jnp.sum(cdf <= u[:, None], axis=-1), probs.shape[-1] - 1).astype(jnp.int32)
+    return lookup(probs, uniforms(keys, num_uniforms(probs.shape[-1])))
 
 
 def step_keys(row_keys: jax.Array, salt: int, step: jax.Array) -> jax.Array:

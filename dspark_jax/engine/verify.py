@@ -1,11 +1,13 @@
 """Verification of a drafted block: exact speculative rejection sampling, per row.
 
-Draft token `x_i` (i = 1..n) is accepted when `u_i < min(1, p_t[i-1, x_i] / max(p_d[i-1, x_i], 1e-8))`; `a` is
-the length of the accepted prefix. If a rejection happened (`a < n`) the next token is drawn from the
-normalised residual `max(0, p_t[a] - p_d[a])` (the target row itself if the residual vanishes), otherwise a
-bonus token is drawn from `p_t[n]`. With one-hot (greedy) distributions this reduces to "accept while equal
-to the target argmax, then emit the target argmax". A stop token among the accepted drafts ends the row
-there: `a` is cut to include it and no next token is emitted (docs/algorithm.md §5.3).
+Draft token `x_i` (i = 1..n) is accepted when `u_i * p_d[i-1, x_i] < p_t[i-1, x_i]`, i.e. with probability
+`min(1, q / p)` without the reference's 1e-8 floor on `p`, and `u_i` is a full-precision uniform, so tiny
+probabilities keep their exact odds (docs/algorithm.md §5.2); `a` is the length of the accepted prefix. If a
+rejection happened (`a < n`) the next token is drawn from the residual `max(0, p_t[a] - p_d[a])` (the target row
+itself if the residual is exactly zero), otherwise a bonus token is drawn from `p_t[n]`, both with the exact
+sampler (`sampling.sample`). With one-hot (greedy) distributions this reduces to "accept while equal to the
+target argmax, then emit the target argmax". A stop token among the accepted drafts ends the row there: `a`
+is cut to include it and no next token is emitted (docs/algorithm.md §5.3).
 
 A deterministic proposer (prompt lookup) passes no draft distributions: its drafts are one-hot, so the
 acceptance ratio is the target's probability of the draft and the residual is the target row without it.
@@ -43,9 +45,11 @@ def verify(
     B, K = drafts.shape
     idx = drafts[..., None]
     q = jnp.take_along_axis(p_target[:, :K], idx, axis=-1)[..., 0]
-    p = 1.0 if p_draft is None else jnp.maximum(jnp.take_along_axis(p_draft, idx, axis=-1)[..., 0], 1e-8)
-    u = jax.vmap(lambda k: jax.random.uniform(k, (K,)))(sampling.step_keys(row_keys, sampling.SALT_ACCEPT, lengths))
-    ok = (u < jnp.minimum(1.0, q / p)) & (jnp.arange(K)[None, :] < num_proposed[:, None])
+    p = 1.0 if p_draft is None else jnp.take_along_axis(p_draft, idx, axis=-1)[..., 0]
+    # full-precision uniforms: P(u < r) = r exactly, however small the ratio (docs/algorithm.md §3.5); `u p < q`
+    # is `u < min(1, q / p)` for the p > 0 of a drawn draft, with no floor on p (§5.2)
+    u = sampling.uniforms(sampling.step_keys(row_keys, sampling.SALT_ACCEPT, lengths), K)
+    ok = (u * p < q) & (jnp.arange(K)[None, :] < num_proposed[:, None])
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
     stop_hit = is_stop(drafts, stop_ids) & (jnp.arange(K)[None, :] < accepted[:, None])
@@ -60,8 +64,8 @@ def verify(
     else:
         draft_row = p_draft[rows, at]
     residual = jnp.maximum(target_row - draft_row, 0.0)
-    mass = jnp.sum(residual, axis=-1, keepdims=True)
-    residual = jnp.where(mass <= 1e-8, target_row, residual / jnp.maximum(mass, 1e-8))
+    # `sample` takes unnormalised rows; the target row stands in only for a residual that is exactly zero (§5.4)
+    residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, target_row)
     rejected = accepted < num_proposed
     next_probs = jnp.where(rejected[:, None], residual, target_row)
     keys = sampling.step_keys(row_keys, sampling.SALT_RESIDUAL, lengths + accepted + 1)
