@@ -17,6 +17,12 @@ def test_generate_prints_text_and_stats(tmp_path_factory, capsys):
     assert main(args + ["--draft", "none"]) == 0
     ar_out = capsys.readouterr().out
     assert "mode: AR" in ar_out
+    assert main(args) == 0  # --target without --draft: plain AR, never the built-in draft of another target
+    assert "mode: AR" in capsys.readouterr().out
+    assert main(args + ["--draft", "prompt-lookup"]) == 0
+    lookup_out = capsys.readouterr().out
+    assert "mean acceptance length (tau)" in lookup_out
+    assert lookup_out.split("\n---\n")[0] == ar_out.split("\n---\n")[0]
     # greedy speculative text equals greedy AR text
     assert spec_out.split("\n---\n")[0] == ar_out.split("\n---\n")[0]
     target = dj.load_target(target_dir, dtype="float32")
