@@ -131,6 +131,19 @@ def test_drafts_equal_transformers_mtp_across_ragged_rounds(case):
         lengths = lengths + accepted + 1
 
 
+def test_bfloat16_speculative_run(case):
+    """bf16 target and MTP module (XLA:CPU kernels included) run speculative rounds end to end."""
+    target = dj.load_target(case["dir"], dtype="bfloat16")
+    draft = dj.load_draft(case["dir"], dtype="bfloat16")
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    for K, temperature in [(1, 0.0), (3, 0.8)]:
+        result = dj.generate(target, draft, prompts, max_new_tokens=10, stop_token_ids=[], draft_length=K,
+                             temperature=temperature)
+        assert [len(t) for t in result.tokens] == [10, 10]
+        assert all(0 <= x < target.config.vocab_size for t in result.tokens for x in t)
+        assert result.stats.mean_acceptance_length >= 1
+
+
 def test_fp8_mtp_checkpoint(case, tmp_path):
     """The MTP module of an FP8 checkpoint loads as the float32 checkpoint of its dequantised weights."""
     fp8_copy(case["dir"], tmp_path / "fp8", (16, 16))

@@ -193,6 +193,23 @@ def test_router_stays_float32_in_bfloat16(pair):
     assert flat[("embed_tokens",)].get_value().dtype == jnp.bfloat16
 
 
+def test_bfloat16_follows_the_float32_reference(pair):
+    """bf16 weights and activations (router fp32): logits close to transformers' fp32 ones, same top-1
+    almost everywhere, for the expanded prefill and the absorbed decode blocks alike. (An expert choice may
+    flip in bf16 at a few tokens, so the bound is on the typical error, not the worst.)"""
+    hf, _, name, directory = pair
+    target = dj.load_target(directory, dtype="bfloat16")
+    full = np.random.default_rng(6).integers(0, target.config.vocab_size, (2, 30))
+    ref = _hf_forward(hf, full).logits.numpy()
+    prefill, cache, _ = _run(target, full[:, :20], [0, 0], target.module.init_cache(2, 32))
+    block, _, _ = _run(target, full[:, 20:], [20, 20], cache)
+    ours = np.concatenate([prefill, block], axis=1)
+    scale = np.abs(ref).max()
+    err = np.abs(ours - ref).max(axis=-1)
+    assert np.median(err) <= 0.01 * scale and (err > 0.05 * scale).mean() <= 0.1, name
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.9, name
+
+
 def test_config_dialects_parse_alike(pair):
     """The hub dialect (`rope_theta` + `rope_scaling`, `num_nextn_predict_layers`) means the same as the
     transformers-5 one (`rope_parameters`)."""

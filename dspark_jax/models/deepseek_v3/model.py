@@ -124,7 +124,7 @@ class MLAttention(nnx.Module):
         dtype = q_nope.dtype
         scores, values = [], []
         if latent_parts:
-            q_c = jnp.einsum("btnd,rnd->btnr", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
+            q_c = jnp.einsum("btnd,rnd->btnr", q_nope, w_uk)
             for c, k_pe, mask in latent_parts:
                 s = jnp.einsum("btnr,bsr->bnts", q_c, c, preferred_element_type=jnp.float32)
                 s = s + jnp.einsum("btnp,bsp->bnts", q_pe, k_pe, preferred_element_type=jnp.float32)
@@ -132,25 +132,27 @@ class MLAttention(nnx.Module):
                 values.append(("latent", c))
         if expanded is not None:
             c, k_pe, mask = expanded
-            k_nope = jnp.einsum("bsr,rnd->bsnd", c, w_uk, preferred_element_type=jnp.float32).astype(dtype)
-            v = jnp.einsum("bsr,rnv->bsnv", c, w_uv, preferred_element_type=jnp.float32).astype(dtype)
+            k_nope = jnp.einsum("bsr,rnd->bsnd", c, w_uk)
+            v = jnp.einsum("bsr,rnv->bsnv", c, w_uv)
             s = jnp.einsum("btnd,bsnd->bnts", q_nope, k_nope, preferred_element_type=jnp.float32)
             s = s + jnp.einsum("btnp,bsp->bnts", q_pe, k_pe, preferred_element_type=jnp.float32)
             scores.append(jnp.where(mask[:, None], s * self.scale, MASKED))
             values.append(("expanded", v))
         probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+        # Probabilities in the activation dtype times values, as transformers does. The products are left in
+        # that dtype (XLA:CPU has no bf16 x bf16 -> f32 kernel for some of their layouts); parts add in fp32.
         out_latent, out = None, None
         offset = 0
         for kind, v in values:
             p = probs[..., offset : offset + v.shape[1]].astype(dtype)
             offset += v.shape[1]
             if kind == "latent":
-                o = jnp.einsum("bnts,bsr->btnr", p, v, preferred_element_type=jnp.float32)
+                o = jnp.einsum("bnts,bsr->btnr", p, v).astype(jnp.float32)
                 out_latent = o if out_latent is None else out_latent + o
             else:
-                out = jnp.einsum("bnts,bsnv->btnv", p, v, preferred_element_type=jnp.float32)
+                out = jnp.einsum("bnts,bsnv->btnv", p, v).astype(jnp.float32)
         if out_latent is not None:
-            o = jnp.einsum("btnr,rnv->btnv", out_latent.astype(dtype), w_uv, preferred_element_type=jnp.float32)
+            o = jnp.einsum("btnr,rnv->btnv", out_latent.astype(dtype), w_uv).astype(jnp.float32)
             out = o if out is None else out + o
         return linear(out.astype(dtype), self.o_proj[...], in_dims=2)
 
