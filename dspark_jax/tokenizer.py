@@ -2,6 +2,13 @@
 
 The chat template (Jinja, from `tokenizer_config.json` or `chat_template.jinja`) is rendered in a sandboxed
 Jinja environment, the way HF renders it, so prompts match what the model was trained on.
+
+Special tokens follow transformers: raw text is encoded as `tokenizer(text)` encodes it, with what the
+post-processor of `tokenizer.json` adds (Gemma's `<bos>`; nothing for Qwen3). Like transformers, which drops
+`add_bos_token` / `add_eos_token` from `tokenizer_config.json` when a `tokenizer.json` exists, the post-processor
+alone decides. Text rendered by a chat template already holds its special tokens and is encoded without any
+(`add_special_tokens=False`, as `apply_chat_template(..., tokenize=True)` does), so it never gets a second
+`<bos>`.
 """
 
 from __future__ import annotations
@@ -48,8 +55,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of `text`. `add_special_tokens=True` for raw text: the ids of transformers'
+        `tokenizer(text)`; False (default) for text rendered by the chat template, which wrote its own."""
+        check_text(text, "text")
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -75,3 +85,18 @@ class Tokenizer:
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special, **kwargs
         )
+
+
+def check_text(text, what: str) -> str:
+    """`text` if it is a `str` that UTF-8 can encode; otherwise an `InputError` naming `what`."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} must be text (str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"{what} is not valid Unicode: {e.reason} {text[e.start:e.end]!r} at character {e.start} (a lone "
+            "surrogate, e.g. from a JSON \\ud800 escape or bytes decoded with errors='surrogateescape'); fix or drop it"
+        ) from None
+    return text
+

@@ -6,17 +6,24 @@ The job is built to be killed at any moment and started again:
   ever ends in a partial line when the machine (not the process) died mid-write. On start the job truncates
   such a tail, reads the ids already answered and skips them.
 * A sidecar file `<output>.job.json` holds a fingerprint of everything that decides the answers (input file
-  contents, checkpoints, sampling settings). Resuming with different arguments is refused instead of mixing
-  answers of two jobs in one file. The batch size is not part of it: answers do not depend on it.
+  contents, checkpoints, dtype, sampling settings, and in any dtype but float32 the batch size). Resuming with
+  different arguments is refused instead of mixing answers of two jobs in one file.
 * An exclusive lock on the output stops two jobs from appending to the same file at once.
 
-Answers do not depend on how prompts are batched: each prompt's random stream is derived from
-`(seed, its 0-based line index)` through `generate(..., row_ids=...)`, so a prompt gets the same answer in a
-batch of 1 or 64, in the first run or after a resume.
+A resumed job computes every prompt exactly as the uninterrupted job would, in any dtype: the batches are
+planned over *all* valid prompts of the job (sorted by token length, then line), every batch has the same
+number of rows (the last one filled up with one-token filler rows), and a resumed run skips the batches that
+are fully answered and recomputes a partly answered one whole, writing only its missing lines. So each prompt
+always runs with the same batch mates in the same program shapes (batch, padded prompt length, token budget).
 
-Prompts are sorted by token length before batching so a batch holds similar lengths; the engine buckets
-prompt lengths and token budgets to powers of two, and the last batch is filled up with one-token filler
-rows to the common batch shape, so a job compiles a few programs rather than one per batch.
+Each prompt's random stream is derived from `(seed, its 0-based line index)` through
+`generate(..., row_ids=...)`, never from its batch mates. In float32 a prompt therefore gets the same answer
+whatever `--batch-size` (its logits change with the batch shape only at float32 rounding). In bfloat16 they
+change by about 1e-2 with the program shapes, so answers depend on `--batch-size` (each still an exact sample
+of the bf16 target's distribution), which is why the batch size is then part of the fingerprint.
+
+The engine buckets prompt lengths and token budgets to powers of two, so a job compiles a few programs rather
+than one per batch.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -34,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from dspark_jax.errors import InputError
+from dspark_jax.tokenizer import check_text
 
 SIDECAR_SUFFIX = ".job.json"
 FORMAT = "dspark-jax batch 1"
@@ -121,7 +130,7 @@ def id_key(value) -> str:
 
 def check_setting(name: str, value) -> Any:
     is_int = isinstance(value, int) and not isinstance(value, bool)
-    is_num = (is_int or isinstance(value, float)) and value == value  # rejects NaN
+    is_num = (is_int or isinstance(value, float)) and math.isfinite(value)  # rejects NaN and +-Infinity
     if name == "temperature" and is_num and value >= 0:
         return float(value)
     if name == "top_p" and is_num and 0 < value <= 1:
@@ -133,7 +142,7 @@ def check_setting(name: str, value) -> Any:
     if name == "seed" and is_int and 0 <= value < 2**32:
         return value
     expected = {
-        "temperature": "a number >= 0",
+        "temperature": "a finite number >= 0 (below 1e-5 is greedy)",
         "top_p": "a number in (0, 1]",
         "top_k": "an integer >= 0",
         "max_new_tokens": "an integer >= 1",
@@ -142,12 +151,22 @@ def check_setting(name: str, value) -> Any:
     raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
+def _text(value: str, where: str) -> str:
+    """`value` if it is valid Unicode (JSON may hold a lone surrogate such as \\ud800); else ValueError."""
+    try:
+        return check_text(value, where)
+    except InputError as e:
+        raise ValueError(str(e)) from None
+
+
 def _messages(value) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
     for i, m in enumerate(value):
         if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
             raise ValueError(f"messages[{i}] must be an object with string 'role' and 'content', got {m!r}")
+        _text(m["role"], f"messages[{i}].role")
+        _text(m["content"], f"messages[{i}].content")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -167,16 +186,18 @@ def parse_line(raw: str, line: int) -> Prompt:
         turns = obj["turns"]
         if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0]:
             raise ValueError("'turns' must be a list whose first entry is a non-empty string")
-        messages = [{"role": "user", "content": turns[0]}]
+        messages = [{"role": "user", "content": _text(turns[0], "'turns'[0]")}]
     elif kinds[0] == "prompt":
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
             raise ValueError("'prompt' must be a non-empty string")
-        text = obj["prompt"]
+        text = _text(obj["prompt"], "'prompt'")
     else:
         messages = _messages(obj["messages"])
     ident = obj.get("id", line)
     if isinstance(ident, bool) or not isinstance(ident, (str, int)):
         raise ValueError(f"'id' must be a string or an integer, got {ident!r}")
+    if isinstance(ident, str):
+        _text(ident, "'id'")  # it is written back into the output
     overrides = {name: check_setting(name, obj[name]) for name in LINE_SETTINGS if obj.get(name) is not None}
     return Prompt(line=line, id=ident, messages=messages, text=text, overrides=overrides)
 
@@ -240,9 +261,11 @@ def prompt_text(prompt: Prompt, tokenizer, chat: bool) -> str:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def fingerprint(inputs: PromptFile, target_dir, draft_dir, dtype: str, settings: Settings) -> dict:
-    """What decides the answers of a job. Two runs may share an output file only if these are equal."""
-    return {
+def fingerprint(inputs: PromptFile, target_dir, draft_dir, dtype: str, settings: Settings, batch_size: int | None = None) -> dict:
+    """What decides the answers of a job. Two runs may share an output file only if these are equal.
+
+    The batch size counts outside float32 only: there a row's logits depend on the batch shape (module docstring)."""
+    job = {
         "format": FORMAT,
         "input_sha256": inputs.sha256,
         "target": str(Path(target_dir).resolve()),
@@ -250,6 +273,9 @@ def fingerprint(inputs: PromptFile, target_dir, draft_dir, dtype: str, settings:
         "dtype": str(dtype),
         **dataclasses.asdict(settings),
     }
+    if batch_size is not None and str(dtype) != "float32":
+        job["batch_size"] = int(batch_size)
+    return job
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -383,14 +409,16 @@ class _Row:
 
 def _rows(prompts: list[Prompt], target, settings: Settings) -> tuple[list[_Row], list[BadLine]]:
     """Tokenise; a prompt that cannot be rendered or does not fit the model becomes a BadLine."""
+    from jinja2 import TemplateError
+
     tokenizer = target.tokenizer
     limit = target.config.max_position_embeddings
     base = {name: getattr(settings, name) for name in LINE_SETTINGS}
     rows, bad = [], []
     for p in prompts:
-        try:
-            ids = tokenizer.encode(prompt_text(p, tokenizer, settings.chat))
-        except (ValueError, InputError) as e:
+        try:  # chat-rendered text carries its own special tokens; raw text gets what `tokenizer(text)` adds
+            ids = tokenizer.encode(prompt_text(p, tokenizer, settings.chat), add_special_tokens=not settings.chat)
+        except (ValueError, TypeError, InputError, TemplateError) as e:  # e.g. the chat template refused the line
             bad.append(BadLine(p.line, str(e)))
             continue
         values = {**base, **p.overrides}
@@ -406,7 +434,8 @@ def _rows(prompts: list[Prompt], target, settings: Settings) -> tuple[list[_Row]
 
 def batches(rows: list, batch_size: int) -> list[list]:
     """Length-sorted batches; every batch has `min(batch_size, len(rows))` entries (the last one is
-    filled with `None`) so they share one compiled batch shape."""
+    filled with `None`) so they share one compiled batch shape. `run` plans them over all the job's rows, so
+    the plan does not depend on what an interrupted run already answered."""
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if not rows:
@@ -465,7 +494,8 @@ def run(
 
     t0 = time.perf_counter()
     pending = pending_prompts(prompts, answers)
-    rows, bad = _rows(pending, target, settings) if pending else ([], [])
+    # every prompt of the job, answered or not: the batch plan must not depend on the resume point
+    rows, bad = _rows(prompts, target, settings) if pending else ([], [])
     if on_bad is not None and bad:
         on_bad(bad)
     summary = Summary(
@@ -476,10 +506,13 @@ def run(
                file=sys.stderr, dynamic_ncols=True)
     try:
         for batch in batches(rows, batch_size):
-            result = _generate_batch(target, draft, batch, settings)
+            missing = [r is not None and id_key(r.prompt.id) not in answers.answered for r in batch]
+            if not any(missing):
+                continue
+            result = _generate_batch(target, draft, batch, settings)  # whole, so every row keeps its batch mates
             stats = result.stats
             for i, row in enumerate(batch):
-                if row is None:
+                if not missing[i]:
                     continue
                 acceptance = stats.acceptance_lengths[i]
                 tokens = result.tokens[i]
@@ -496,7 +529,7 @@ def run(
                 summary.rounds += len(acceptance)
                 summary.acceptance_sum += sum(acceptance)
             summary.wall_time_s = time.perf_counter() - t0
-            bar.update(sum(r is not None for r in batch))
+            bar.update(sum(missing))
             postfix = {"tok/s": f"{summary.tokens_per_second:.1f}"}
             if draft is not None and summary.tau is not None:
                 postfix["tau"] = f"{summary.tau:.2f}"

@@ -25,7 +25,9 @@ def add_arguments(parser):
     parser.add_argument("--output", required=True, help="JSONL answers; an existing file of the same job is resumed")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (answers do not depend on it)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="prompts per generate call (float32 answers do not depend on it; bfloat16 answers do, so a "
+                             "bf16 job resumes only with the same batch size)")
     parser.add_argument("--no-chat", action="store_true", help="feed the raw text instead of applying the chat template")
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed input line instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,7 +75,7 @@ def run(args) -> int:
     if not inputs.prompts:
         raise InputError(f"{args.input} has no valid prompt lines")
     dtype = resolve_dtype(args.dtype)
-    job = batch.fingerprint(inputs, target_dir, draft_dir, dtype, settings)
+    job = batch.fingerprint(inputs, target_dir, draft_dir, dtype, settings, batch_size=args.batch_size)
     with batch.AnswerFile.open(args.output, job) as answers:
         if answers.truncated_bytes:
             print(f"{args.output}: dropped a partial last line ({answers.truncated_bytes} bytes) of an interrupted run",

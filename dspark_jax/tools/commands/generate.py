@@ -20,7 +20,7 @@ def run(args) -> int:
     text = args.prompt
     if args.chat:
         text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True, enable_thinking=False)
-    ids = tok.encode(text)
+    ids = tok.encode(text, add_special_tokens=not args.chat)  # raw text as `tokenizer(text)`; the template wrote its own
     result = dj.generate(
         target,
         draft,
