@@ -219,3 +219,26 @@ def test_tiny_temperatures_are_greedy(models):
     greedy = dj.generate(target, None, prompts, max_new_tokens=8, stop_token_ids=[]).tokens
     for d in (None, draft):
         assert dj.generate(target, d, prompts, max_new_tokens=8, stop_token_ids=[], temperature=1e-37, seed=3).tokens == greedy
+
+
+@pytest.mark.parametrize(
+    "extra, name",
+    [
+        (["--prompt", "bad \ud800 text"], "--prompt is not valid Unicode"),
+        (["--prompt", "fine", "--temperature", "inf"], "temperature=inf"),
+        (["--prompt", "fine", "--max-new-tokens", "-3"], "max_new_tokens=-3"),
+        (["--prompt", "fine", "--seed", "-1"], "seed=-1"),
+        (["--prompt", "fine", "--draft-length", "0"], "draft_length=0"),
+    ],
+    ids=["lone surrogate", "infinite temperature", "negative budget", "negative seed", "zero draft length"],
+)
+def test_cli_generate_reports_bad_input_by_name(tmp_path_factory, capsys, extra, name):
+    from tiny_checkpoint import session_pair
+
+    from dspark_jax.tools.cli import main
+
+    target_dir, draft_dir = session_pair(tmp_path_factory)
+    args = ["generate", "--target", str(target_dir), "--draft", str(draft_dir), "--dtype", "float32", "--max-new-tokens", "4"]
+    assert main(args + extra) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and name in err, err

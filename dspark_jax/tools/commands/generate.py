@@ -14,7 +14,9 @@ def add_arguments(parser):
 
 def run(args) -> int:
     import dspark_jax as dj
+    from dspark_jax.tokenizer import check_text
 
+    check_text(args.prompt, "--prompt")  # before loading anything
     target, draft = load_models(args)
     tok = target.tokenizer
     text = args.prompt
