@@ -89,8 +89,8 @@ def parse_rope(rope_dict: dict | None, *, theta: float | None = None, max_positi
 class SamplingParams:
     """Per-row sampling settings, all traced (`[B]` arrays): changing them never recompiles.
 
-    temperature 0 means greedy; top_k 0 means no top-k filter; top_p 1 means no nucleus filter;
-    confidence_threshold 0 proposes the whole draft block.
+    temperature 0 (or anything below 1e-5, `sampling.GREEDY_TEMPERATURE`) means greedy; top_k 0 means no top-k
+    filter; top_p 1 means no nucleus filter; confidence_threshold 0 proposes the whole draft block.
     """
 
     temperature: jax.Array

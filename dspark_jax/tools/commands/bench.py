@@ -88,7 +88,7 @@ def _load_sets(files, tokenizer, num_prompts: int, chat: bool) -> dict[str, list
         if not inputs.prompts:
             raise InputError(f"{f} has no valid prompt lines")
         chosen = inputs.prompts[:num_prompts]
-        sets[f.stem] = [tokenizer.encode(batch.prompt_text(p, tokenizer, chat)) for p in chosen]
+        sets[f.stem] = [tokenizer.encode(batch.prompt_text(p, tokenizer, chat), add_special_tokens=not chat) for p in chosen]
         if len(chosen) < num_prompts:
             log(f"{f}: only {len(chosen)} valid prompts (asked for {num_prompts})")
     return sets
