@@ -31,7 +31,7 @@ from dspark_jax.engine import sampling, spec
 from dspark_jax.errors import CheckpointError, ConfigError
 from dspark_jax.models.deepseek_v3 import DeepseekV3Config
 from dspark_jax.proposers.mtp import MTPProposer
-from dspark_jax.proposers.mtp_checkpoint import random_mtp
+from dspark_jax.testing import mtp as synthetic_mtp
 from dspark_jax.testing import synthetic
 
 TOL = 1e-6  # on probabilities (vocabulary 64, so about 1e-5 relative)
@@ -191,48 +191,13 @@ PROMPTS = [[3, 9, 27], list(range(40, 53)), [101], list(range(7, 33))]
 NEW = 24
 
 
-def _set(params, path, value):
-    var = dict(nnx.to_flat_state(params))[path]
-    var.set_value(jnp.asarray(value, var.get_value().dtype))
-
-
 def _random_target(seed=0, std=0.15):
     t = dj.Target.random(SPEC_CFG, seed=seed)
     params = jax.tree.map(lambda x: x * (std / 0.02), t.params)
     for path, var in nnx.to_flat_state(params):
-        if "norm" in str(path[-1]) or "layernorm" in str(path[-1]):
+        if "norm" in str(path[-1]):
             var.set_value(jnp.ones(var.get_value().shape, var.get_value().dtype))
     return t.with_params(params)
-
-
-def _mtp_with_target_embeddings(target, seed):
-    draft = random_mtp(target.config, seed=seed)
-    params = jax.tree.map(lambda x: x, draft.params)
-    _set(params, ("embed_tokens",), target.module.embed_tokens[...])
-    _set(params, ("shared_head",), target.module.lm_head[...])
-    return draft.with_params(params)
-
-
-def _oracle_mtp(target, successor, accuracy=1.0, seed=0):
-    """An MTP module that drafts `successor[previous token]` (for a fraction `accuracy` of tokens): `eh_proj`
-    passes the normed token embedding through, the block adds nothing (zero output projections), and the head
-    maps each token's embedding to its believed successor."""
-    V, D = target.config.vocab_size, target.config.hidden_size
-    rng = np.random.default_rng(seed)
-    believed = np.asarray(successor).copy()
-    wrong = rng.random(V) >= accuracy
-    believed[wrong] = (believed[wrong] + 1 + rng.integers(0, V - 1, wrong.sum())) % V
-    draft = _mtp_with_target_embeddings(target, seed)
-    params = jax.tree.map(lambda x: x, draft.params)
-    embed = np.asarray(target.module.embed_tokens[...])
-    _set(params, ("eh_proj",), np.concatenate([np.eye(D), np.zeros((D, D))], axis=0))
-    for path, var in nnx.to_flat_state(params):
-        if path[-1] in ("o_proj", "down_proj"):
-            var.set_value(jnp.zeros_like(var.get_value()))
-    head = np.zeros((V, D), np.float32)
-    head[believed] = embed
-    _set(params, ("shared_head",), head)
-    return draft.with_params(params)
 
 
 @pytest.fixture(scope="module")
@@ -240,9 +205,9 @@ def arms():
     bigram = synthetic.bigram_target(SPEC_CFG, successor=SUCCESSOR, seed=1)
     random = _random_target()
     return {
-        "random": (random, _mtp_with_target_embeddings(random, 2)),
-        "oracle": (bigram, _oracle_mtp(bigram, SUCCESSOR)),
-        "mixed": (bigram, _oracle_mtp(bigram, SUCCESSOR, accuracy=0.6, seed=3)),
+        "random": (random, synthetic_mtp.random_mtp(random, seed=2)),
+        "oracle": (bigram, synthetic_mtp.oracle_mtp(bigram, SUCCESSOR)),
+        "mixed": (bigram, synthetic_mtp.oracle_mtp(bigram, SUCCESSOR, accuracy=0.6, seed=3)),
     }
 
 

@@ -22,7 +22,7 @@ from dspark_jax.errors import CheckpointError, ConfigError
 from dspark_jax.handles import Draft
 from dspark_jax.layers.params import Init
 from dspark_jax.models.deepseek_v3 import checkpoint as v3_checkpoint
-from dspark_jax.models.deepseek_v3.config import MODEL_TYPES, DeepseekV3Config
+from dspark_jax.models.deepseek_v3.config import MODEL_TYPES
 from dspark_jax.models.deepseek_v3.config import parse as parse_v3
 from dspark_jax.proposers.mtp import DEFAULT_MAX_DRAFT_LENGTH, MTPConfig, MTPProposer
 
@@ -110,12 +110,3 @@ def load_mtp(path, dtype="bfloat16", mesh=None, max_draft_length: int = DEFAULT_
                   ignore=ignore(cfg, table))
     return Draft(config=cfg, graphdef=graphdef, params=params, dtype=dt, directory=directory)
 
-
-def random_mtp(target_config: DeepseekV3Config, *, dtype="float32", seed: int = 0,
-               max_draft_length: int = DEFAULT_MAX_DRAFT_LENGTH) -> Draft:
-    """An MTP proposer with random weights (tests, benchmarks)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    cfg = MTPConfig(target=target_config, layer=target_config.num_layers, max_draft_length=max_draft_length)
-    return Draft.of_module(MTPProposer(cfg, Init(nnx.Rngs(seed), jnp.dtype(dtype))), cfg, dtype)
