@@ -11,11 +11,12 @@ What the output promises, per dtype:
   speculative output equals plain greedy decoding token for token; a row's output does not depend on its batch
   mates or the batch size (docs/caches.md §8).
 * bfloat16: sampled output still follows the distribution of the target *as computed in bf16* exactly: the
-  acceptance test compares the very distributions that were sampled from. But bf16 logits of a row change with
-  the shapes of the program (batch size, padded prompt length, verifying K + 1 tokens vs decoding one), by about
-  1e-2, so greedy speculative output equals plain greedy decoding only up to near-ties (the top-2 gap below that
-  rounding), and the same seed gives the same answers only for the same program shapes. `dspark-jax batch`
-  runs every prompt in the same shapes whatever the resume point (`tools/batch.py`).
+  acceptance test compares the very distributions that were sampled from. But bf16 logits of a row can change
+  with the shapes of the program (batch size, padded prompt length, verifying K + 1 tokens vs decoding one) by
+  up to bf16's resolution, ~1e-2, where the backend's kernels depend on the shape (accelerators; on XLA:CPU far
+  less), so greedy speculative output equals plain greedy decoding only up to near-ties (a top-2 gap below that
+  rounding), and the same seed is guaranteed the same answers only for the same program shapes. `dspark-jax
+  batch` runs every prompt in the same shapes whatever the resume point (`tools/batch.py`).
 """
 
 from __future__ import annotations

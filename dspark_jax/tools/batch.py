@@ -18,9 +18,10 @@ always runs with the same batch mates in the same program shapes (batch, padded 
 
 Each prompt's random stream is derived from `(seed, its 0-based line index)` through
 `generate(..., row_ids=...)`, never from its batch mates. In float32 a prompt therefore gets the same answer
-whatever `--batch-size` (its logits change with the batch shape only at float32 rounding). In bfloat16 they
-change by about 1e-2 with the program shapes, so answers depend on `--batch-size` (each still an exact sample
-of the bf16 target's distribution), which is why the batch size is then part of the fingerprint.
+whatever `--batch-size` (its logits change with the batch shape only at float32 rounding). In bfloat16 they can
+change with the program shapes by up to bf16's resolution (~1e-2; on accelerators), so answers may depend on
+`--batch-size` (each still an exact sample of the bf16 target's distribution), which is why the batch size is
+then part of the fingerprint.
 
 The engine buckets prompt lengths and token budgets to powers of two, so a job compiles a few programs rather
 than one per batch.
