@@ -154,10 +154,7 @@ def lookup(probs: jax.Array, u: jax.Array) -> jax.Array:
     B, V = probs.shape
     C, NB, NBp = layout(V)
     x = jnp.pad(probs.astype(jnp.float32), ((0, 0), (0, NB * C - V))).reshape(B, NB, C)
-    masses = x
-    while masses.shape[-1] > 1:
-        masses = _halve(masses)
-    masses = jnp.pad(masses[..., 0], ((0, 0), (0, NBp - NB)))
+    masses = jnp.pad(_tree(x)[-1][..., 0], ((0, 0), (0, NBp - NB)))  # the roots of the in-block trees
     d1 = NBp.bit_length() - 1
     block = _descend(_tree(masses), u[:, :d1])
     row = jnp.take_along_axis(x, block[:, None, None], axis=1)[:, 0]
