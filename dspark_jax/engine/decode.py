@@ -58,21 +58,51 @@ def append_tokens(out: jax.Array, count: jax.Array, new: jax.Array, num_new: jax
     return out.at[rows, cols].set(new, mode="drop")
 
 
-def prefill(model, req: Requests, cache, capture: tuple[int, ...] = ()):
-    """Run the prompts; sample each row's first token. -> (first token, cache, features or None)."""
-    B = req.tokens.shape[0]
-    zeros = jnp.zeros((B,), jnp.int32)
+def prefill(model, req: Requests, cache, *, chunk: int, capture: tuple[int, ...] = (), consume=None, consumer_state=None):
+    """Run the prompts in chunks of `chunk` positions; sample each row's first token.
+
+    The prompt block `[B, T]` (T a multiple of `chunk`, or one chunk) runs as a `lax.scan` over its chunks, each
+    at offset `c * chunk` on top of the cache the earlier chunks wrote, so attention memory is
+    O(chunk x capacity), never O(T^2). A row whose prompt ended before a chunk writes nothing real there: its
+    `num_valid` is 0 and whatever lands beyond its length is uncommitted (docs/caches.md). `consume(state,
+    tokens, features, lengths) -> state` receives every chunk with the requested hidden states (a proposer's
+    `extend`). -> (first token, cache, consumer state).
+    """
+    B, T = req.tokens.shape
+    C = min(chunk, T)
+    if T % C:
+        raise ValueError(f"prompt block of {T} positions is not a multiple of the prefill chunk {C}")
+
+    def run(carry, c):
+        cache, last, state = carry
+        at = c * C
+        tokens = jax.lax.dynamic_slice_in_dim(req.tokens, at, C, axis=1)
+        lengths = jnp.full((B,), at, jnp.int32)
+        num_valid = jnp.clip(req.prompt_lens - at, 0, C)
+        hidden, cache, features = model(tokens, lengths, cache, capture=capture, num_valid=num_valid)
+        index = req.prompt_lens - 1 - at  # the row's last prompt position, if it lies in this chunk
+        mine = (index >= 0) & (index < C)
+        last = jnp.where(mine[:, None], hidden[jnp.arange(B), jnp.clip(index, 0, C - 1)], last)
+        if consume is not None:
+            state = consume(state, tokens, features, lengths)
+        return (cache, last, state), None
+
+    D = model.config.hidden_size
     with jax.named_scope("prefill"):
-        hidden, cache, features = model(req.tokens, zeros, cache, capture=capture, num_valid=req.prompt_lens)
-    last = hidden[jnp.arange(B), req.prompt_lens - 1]
+        carry = (cache, jnp.zeros((B, D), model.dtype), consumer_state)
+        if T == C:
+            carry, _ = run(carry, 0)
+        else:
+            carry, _ = jax.lax.scan(run, carry, jnp.arange(T // C))
+    cache, last, consumer_state = carry
     probs = sampling.probabilities(model.logits(last), req.sampling)
     first = sampling.sample(sampling.step_keys(req.keys, sampling.SALT_TOKEN, req.prompt_lens), probs)
-    return first, cache, features
+    return first, cache, consumer_state
 
 
-def start(model, req: Requests, capacity: int, out_len: int) -> DecodeState:
+def start(model, req: Requests, capacity: int, out_len: int, chunk: int) -> DecodeState:
     B = req.tokens.shape[0]
-    first, cache, _ = prefill(model, req, model.init_cache(B, capacity, max_block=1))
+    first, cache, _ = prefill(model, req, model.init_cache(B, capacity, max_block=1), chunk=chunk)
     live = req.max_new > 0
     out = jnp.full((B, out_len), PAD, jnp.int32)
     out = append_tokens(out, jnp.zeros((B,), jnp.int32), first[:, None], live.astype(jnp.int32))
@@ -103,21 +133,21 @@ def step(model, state: DecodeState) -> DecodeState:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len", "unroll_layers"))
-def generate_loop(graphdef, params, req: Requests, *, capacity: int, out_len: int, unroll_layers: bool = False):
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len", "chunk", "unroll_layers"))
+def generate_loop(graphdef, params, req: Requests, *, capacity: int, out_len: int, chunk: int, unroll_layers: bool = False):
     """Prefill and decode every row to completion inside one compiled `while_loop`.
 
     `unroll_layers`: the decode loop runs the layers unrolled on weights sliced once (`layers.stack.unrolled`)."""
     model = nnx.merge(graphdef, params)
-    state = start(model, req, capacity, out_len)
+    state = start(model, req, capacity, out_len, chunk)
     with stack.unrolled(model) if unroll_layers else contextlib.nullcontext():
         state = jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: step(model, s), state)
     return state.out, state.count
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len"))
-def start_jit(graphdef, params, req: Requests, *, capacity: int, out_len: int) -> DecodeState:
-    return start(nnx.merge(graphdef, params), req, capacity, out_len)
+@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len", "chunk"))
+def start_jit(graphdef, params, req: Requests, *, capacity: int, out_len: int, chunk: int) -> DecodeState:
+    return start(nnx.merge(graphdef, params), req, capacity, out_len, chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))

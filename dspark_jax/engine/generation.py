@@ -21,6 +21,7 @@ What the output promises, per dtype:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -37,8 +38,15 @@ from dspark_jax.handles import Draft, Target
 from dspark_jax.sharding import shard_array
 
 MIN_PROMPT_BUCKET = 16
+PREFILL_CHUNK = 512  # prompt positions per prefill step (attention memory is O(chunk x capacity))
 MIN_NEW_BUCKET = 16
 STOP_SLOTS = 8
+
+
+def prompt_bucket(n: int, chunk: int) -> int:
+    """Prompt block length: a power of two up to one chunk, then a multiple of the chunk (no doubling)."""
+    short = bucket(n, MIN_PROMPT_BUCKET)
+    return short if short <= chunk else -(-n // chunk) * chunk
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -147,6 +155,7 @@ def build_requests(
     confidence_threshold,
     row_ids: Sequence[int] | None = None,
     extra_capacity: int = 0,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> tuple[decode.Requests, list[list[int]], dict]:
     """Validate and pad a batch. -> (requests, prompt token lists, static shapes)."""
     token_lists = _as_token_lists(target, prompts)
@@ -166,7 +175,10 @@ def build_requests(
             f"model's capacity of {limit} positions (max_position_embeddings); shorten the prompt or lower max_new_tokens"
         )
     B = bucket(n)
-    T = bucket(int(lengths.max()), MIN_PROMPT_BUCKET)
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1:
+        raise InputError(f"prefill_chunk={prefill_chunk!r} must be an integer >= 1 (prompt positions per prefill step)")
+    chunk = bucket(int(prefill_chunk), MIN_PROMPT_BUCKET)
+    T = prompt_bucket(int(lengths.max()), chunk)
     M = bucket(int(max_new.max()), MIN_NEW_BUCKET)
     tokens = np.zeros((B, T), np.int32)
     for i, ids in enumerate(token_lists):
@@ -206,8 +218,15 @@ def build_requests(
     mesh = _mesh_of(target)
     if mesh is not None:  # requests over the data axis, like the parameters' own placement
         req = jax.tree.map(lambda x: shard_array(x, ("batch",) + (None,) * (x.ndim - 1), mesh), req)
-    shapes = {"capacity": T + M + extra_capacity + 1, "out_len": M + extra_capacity + 1}
+    shapes = {"capacity": T + M + extra_capacity + 1, "out_len": M + extra_capacity + 1, "chunk": chunk}
     return req, token_lists, shapes
+
+
+def _placement(target: Target):
+    """The context the compiled programs run under: the target's mesh when its parameters are sharded, so caches
+    and activations are placed by their logical axes (`sharding.constrain`) and experts run expert-parallel."""
+    mesh = _mesh_of(target)
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def _mesh_of(target: Target):
@@ -261,6 +280,7 @@ def generate(
     draft_length: int | None = None,
     row_ids: Sequence[int] | None = None,
     unroll_layers: bool = False,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> GenerationResult:
     """Generate for a batch of prompts; `draft=None` is plain autoregressive decoding.
 
@@ -275,18 +295,22 @@ def generate(
     `unroll_layers=True` runs the decode loop's layers unrolled on weights sliced once per call instead of
     under `lax.scan`: faster decoding where the backend copies a scanned layer's weights every step (XLA:CPU),
     a compile time that grows with depth (`layers.stack`). Outputs are identical.
+    `prefill_chunk`: prompt positions per prefill step (rounded up to a power of two >= 16); a long prompt is
+    prefilled chunk by chunk inside the compiled program, with attention memory O(chunk x capacity).
     Returns tokens per prompt (input order, cut after the first stop token inclusive) and statistics.
     What holds in float32 and in bfloat16 (exactness, greedy equality, batch independence): module docstring.
     """
     K, req, token_lists, shapes, stops = _prepare(
         target, draft, prompts, draft_length, row_ids, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
+        prefill_chunk=prefill_chunk,
     )
     n = len(token_lists)
     max_new = np.asarray(req.max_new)[:n]
     t0 = time.perf_counter()
     if draft is None:
-        out, count = decode.generate_loop(target.graphdef, target.params, req, unroll_layers=bool(unroll_layers), **shapes)
+        with _placement(target):
+            out, count = decode.generate_loop(target.graphdef, target.params, req, unroll_layers=bool(unroll_layers), **shapes)
         out, count = np.asarray(out), np.asarray(count)
         wall = time.perf_counter() - t0
         tokens, reasons = _finish(out, count, token_lists, max_new, stops)
@@ -294,8 +318,9 @@ def generate(
         stats = GenerationStats.from_rounds(steps, [[0] * len(s) for s in steps], [[0] * len(s) for s in steps],
                                             [len(t) for t in tokens], reasons, 0, wall)
         return GenerationResult(tokens=tokens, stats=stats)
-    state = spec.generate_loop(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K,
-                               unroll_layers=bool(unroll_layers), **shapes)
+    with _placement(target):
+        state = spec.generate_loop(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K,
+                                   unroll_layers=bool(unroll_layers), **shapes)
     out, count = np.asarray(state.out), np.asarray(state.count)
     wall = time.perf_counter() - t0
     tokens, reasons = _finish(out, count, token_lists, max_new, stops)
@@ -323,6 +348,7 @@ def stream(
     confidence_threshold=0.0,
     draft_length: int | None = None,
     row_ids: Sequence[int] | None = None,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> Iterator[list[list[int]]]:
     """Yield, after prefill and after every round, the tokens each prompt gained (a list per prompt).
 
@@ -333,6 +359,7 @@ def stream(
     K, req, token_lists, shapes, stops = _prepare(
         target, draft, prompts, draft_length, row_ids, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
+        prefill_chunk=prefill_chunk,
     )
     return _stream_rounds(target, draft, K, req, token_lists, shapes, stops)
 
@@ -342,12 +369,19 @@ def _stream_rounds(target, draft, K, req, token_lists, shapes, stops) -> Iterato
     max_new = np.asarray(req.max_new)[:n]
     stops = set(int(x) for x in stops)
     if draft is None:
-        state = decode.start_jit(target.graphdef, target.params, req, **shapes)
-        advance = lambda s: decode.step_jit(target.graphdef, target.params, s)
+        start = lambda: decode.start_jit(target.graphdef, target.params, req, **shapes)
+        step = lambda s: decode.step_jit(target.graphdef, target.params, s)
     else:
-        state = spec.start_jit(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
-        advance = lambda s: spec.spec_step(target.graphdef, target.params, draft.graphdef, draft.params, s, K=K,
-                                           capacity=shapes["capacity"])
+        start = lambda: spec.start_jit(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
+        step = lambda s: spec.spec_step(target.graphdef, target.params, draft.graphdef, draft.params, s, K=K,
+                                        capacity=shapes["capacity"])
+
+    def advance(s):
+        with _placement(target):
+            return step(s)
+
+    with _placement(target):
+        state = start()
     emitted = [0] * n
     finished = [False] * n
     while True:

@@ -49,13 +49,14 @@ def _round_limit(state_lengths, req: Requests):
     return state_lengths < req.prompt_lens + req.max_new
 
 
-def start(target, proposer, req: Requests, K: int, capacity: int, out_len: int) -> SpecState:
-    """Prefill the target (capturing the proposer's features), give the prompt to the proposer, sample the first anchor."""
+def start(target, proposer, req: Requests, K: int, capacity: int, out_len: int, chunk: int) -> SpecState:
+    """Prefill the target chunk by chunk, giving each chunk (and the features the proposer reads) to the
+    proposer; sample the first anchor."""
     B = req.tokens.shape[0]
-    first, target_cache, features = decode.prefill(
-        target, req, target.init_cache(B, capacity, max_block=K + 1), capture=proposer.feature_indices
+    first, target_cache, proposer_state = decode.prefill(
+        target, req, target.init_cache(B, capacity, max_block=K + 1), chunk=chunk, capture=proposer.feature_indices,
+        consume=proposer.extend, consumer_state=proposer.init_state(B, capacity),
     )
-    proposer_state = proposer.extend(proposer.init_state(B, capacity), req.tokens, features, jnp.zeros((B,), jnp.int32))
     live = req.max_new > 0
     count = live.astype(jnp.int32)
     out = decode.append_tokens(jnp.full((B, out_len), decode.PAD, jnp.int32), jnp.zeros((B,), jnp.int32), first[:, None], count)
@@ -133,25 +134,25 @@ def _merge(target_graph, target_params, proposer_graph, proposer_params):
     return nnx.merge(target_graph, target_params), nnx.merge(proposer_graph, proposer_params)
 
 
-STATIC = ("target_graph", "proposer_graph", "K", "capacity", "out_len")
+STATIC = ("target_graph", "proposer_graph", "K", "capacity", "out_len", "chunk")
 
 
 @functools.partial(jax.jit, static_argnames=STATIC + ("unroll_layers",))
 def generate_loop(target_graph, target_params, proposer_graph, proposer_params, req: Requests, *, K, capacity, out_len,
-                  unroll_layers: bool = False):
+                  chunk, unroll_layers: bool = False):
     """Prefill and run speculative rounds for every row to completion inside one compiled `while_loop`.
 
     `unroll_layers`: the rounds run the layers unrolled on weights sliced once (`layers.stack.unrolled`)."""
     target, proposer = _merge(target_graph, target_params, proposer_graph, proposer_params)
-    state = start(target, proposer, req, K, capacity, out_len)
+    state = start(target, proposer, req, K, capacity, out_len, chunk)
     with stack.unrolled(target, proposer) if unroll_layers else contextlib.nullcontext():
         return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: step(target, proposer, s, K, capacity), state)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
-def start_jit(target_graph, target_params, proposer_graph, proposer_params, req: Requests, *, K, capacity, out_len):
+def start_jit(target_graph, target_params, proposer_graph, proposer_params, req: Requests, *, K, capacity, out_len, chunk):
     target, proposer = _merge(target_graph, target_params, proposer_graph, proposer_params)
-    return start(target, proposer, req, K, capacity, out_len)
+    return start(target, proposer, req, K, capacity, out_len, chunk)
 
 
 @functools.partial(jax.jit, static_argnames=("target_graph", "proposer_graph", "K", "capacity"), donate_argnames=("state",))
