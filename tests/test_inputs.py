@@ -196,6 +196,7 @@ def test_numpy_values_are_accepted(models):
         dict(prompts=[np.array([1, 2, 3], np.int64), (4, 5, 6)], max_new_tokens=np.int64(3)),
         dict(temperature=np.array([0.0, 0.7], np.float32), top_k=np.array([0, 5]), seed=np.array([1, 2], np.uint32)),
         dict(max_new_tokens=[3, np.int16(3)], top_p=np.float64(1.0), row_ids=np.arange(2)),
+        dict(max_new_tokens=(3, 3), row_ids=range(2)),
     ]
     for change in variants:
         args = dict(prompts=[[1, 2, 3], [4, 5, 6]], max_new_tokens=3, temperature=[0.0, 0.7], top_k=[0, 5], seed=[1, 2])

@@ -6,7 +6,7 @@ argument, shows the value and says what form is expected. Nothing is coerced sil
 id or a token budget, bytes are not text, a path is not a model.
 
 Accepted forms: scalars are Python or NumPy numbers (never `bool` or `str`); a per-prompt setting may instead be a
-list, tuple or 1-D NumPy array with one value per prompt. Prompts are a list or tuple of prompts (or a 2-D
+list, tuple, range or 1-D NumPy array with one value per prompt. Prompts are a list or tuple of prompts (or a 2-D
 integer NumPy array, one row per prompt); a prompt is a `str` (valid Unicode; tokenised with the target's
 tokenizer as transformers' `tokenizer(text)` does) or a list, tuple or 1-D integer NumPy array of token ids.
 Temperatures below `sampling.GREEDY_TEMPERATURE` (1e-5) are greedy (docs/algorithm.md §3.4).
@@ -157,7 +157,7 @@ def per_prompt(name: str, value, n: int, *, integer: bool, check, expected: str)
         value = value.item()
     if ok(value) or is_number(value):
         return np.full(n, one(value, name), np.float64)
-    if isinstance(value, (list, tuple, np.ndarray)) and not isinstance(value, str):
+    if isinstance(value, (list, tuple, range, np.ndarray)):
         if isinstance(value, np.ndarray) and value.ndim != 1:
             raise InputError(f"{name} has shape {value.shape}: expected {form}")
         if len(value) != n:
@@ -187,7 +187,7 @@ def row_ids(value, n: int) -> list[int] | None:
     """None (rows 0..n-1) or one integer in [0, 2**32) per prompt."""
     if value is None:
         return None
-    if not isinstance(value, (list, tuple, np.ndarray)):
+    if not isinstance(value, (list, tuple, range, np.ndarray)):
         raise InputError(f"row_ids={_show(value)} ({type(value).__name__}): expected a list of one integer in [0, 2**32) "
                          f"per prompt ({n}), or None")
     ids = per_prompt("row_ids", value, n, integer=True, check=lambda v: 0 <= v < MAX_UINT32,
