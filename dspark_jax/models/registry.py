@@ -33,7 +33,7 @@ def by_draft_architecture(architecture, where: str = "config.json") -> Family:
     for family in families():
         if architecture == family.draft_architecture:
             return family
-    supported = ", ".join(f.draft_architecture for f in families())
+    supported = ", ".join(f.draft_architecture for f in families() if f.draft_architecture)
     raise ConfigError(f"{where}: architectures {architecture!r} is not a DSpark draft; supported: {supported}")
 
 
