@@ -18,3 +18,11 @@ def torch_threads():
 
     torch.manual_seed(0)
     return torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drop every compiled program after each test module: one process runs the whole suite (hundreds of
+    programs), and XLA:CPU compilation crashed in a late module when all of them stayed resident."""
+    yield
+    jax.clear_caches()
