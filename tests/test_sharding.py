@@ -80,8 +80,10 @@ PLACEMENT = textwrap.dedent(
 
     flat = dict(nnx.to_flat_state(sharded.params))
     for name in ("gate_proj", "down_proj", "q_proj", "o_proj"):
-        path = next(p for p in flat if p[-1] == name)
-        out[name] = placement(flat[path].get_value())
+        for path, var in flat.items():
+            if path[-1] == name:  # dense MLP kernels are [n, D, F]; expert kernels [n, E, D, F]
+                kind = "experts_" if name in ("gate_proj", "down_proj") and var.get_value().ndim == 4 else ""
+                out[kind + name] = placement(var.get_value())
     draft = synthetic.random_draft(single, synthetic.draft_config_for(single.config, markov_rank=16), seed=1)
     draft_sharded = draft.with_params(dj.shard_params(draft.params, mesh))
     K, req, _, shapes, _ = _prepare(sharded, draft_sharded, prompts, 3, None, max_new_tokens=12, temperature=0.0, top_k=0,
@@ -109,16 +111,17 @@ PLACEMENT = textwrap.dedent(
 
 def test_placement_of_experts_weights_and_caches_on_eight_devices(tmp_path):
     """MoE target on (data=2, model=4): each device holds exactly its share of the bytes of the expert weights
-    (experts over `model`), the attention weights (heads over `model`) and the KV cache (rows over `data`, KV heads
+    (experts over `model`), the dense MLP and attention weights (MLP width / heads over `model`) and the KV cache (rows over `data`, KV heads
     over `model`, both in the speculative state after a round); tokens equal one device's, greedy and sampled."""
-    qwen3(tmp_path / "moe", moe=True, seed=4, num_attention_heads=4, num_key_value_heads=4, num_experts=8)
+    qwen3(tmp_path / "moe", moe=True, seed=4, num_attention_heads=4, num_key_value_heads=4, num_experts=8,
+          mlp_only_layers=[0], intermediate_size=64)  # layer 0 dense: both MLP kinds
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", PLACEMENT, str(tmp_path / "moe")], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name, share in (("gate_proj", 4), ("down_proj", 4), ("q_proj", 4), ("o_proj", 4), ("target_cache_k", 8),
-                        ("target_cache_v", 8)):
+    for name, share in (("gate_proj", 4), ("down_proj", 4), ("experts_gate_proj", 4), ("experts_down_proj", 4),
+                        ("q_proj", 4), ("o_proj", 4), ("target_cache_k", 8), ("target_cache_v", 8)):
         placed = r[name]
         assert placed["devices"] == 8, name
         assert placed["per_device"] == [placed["total"] // share] * 8, f"{name}: {placed}"
