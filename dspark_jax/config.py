@@ -84,6 +84,21 @@ def parse_rope(rope_dict: dict | None, *, theta: float | None = None, max_positi
     )
 
 
+def rope_dict(rope: RopeConfig) -> dict:
+    """A `rope_parameters` entry that `parse_rope` reads back to the same `RopeConfig` (given the same
+    `max_position_embeddings`)."""
+    d = {"rope_theta": rope.theta, "rope_type": rope.rope_type}
+    if rope.partial_rotary_factor != 1.0:
+        d["partial_rotary_factor"] = rope.partial_rotary_factor
+    for name in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
+                 "mscale_all_dim"):
+        if getattr(rope, name) is not None:
+            d[name] = getattr(rope, name)
+    if not rope.truncate:
+        d["truncate"] = False
+    return d
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:

@@ -17,9 +17,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
-from converters import fp8
+from converters import fp8, safetensors_io
 from converters import loading as conversion
-from converters import safetensors_io
 from converters.errors import FormatError
 from converters.export import export_tensors
 from dspark_jax.config import read_json

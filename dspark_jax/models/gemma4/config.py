@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, NamedTuple
 
-from dspark_jax.config import RopeConfig, parse_rope, require
+from dspark_jax.config import RopeConfig, parse_rope, require, rope_dict
 from dspark_jax.errors import ConfigError
 from dspark_jax.layers.mlp import ACTIVATIONS
 
@@ -319,21 +319,6 @@ def parse_draft_backbone(cfg: dict, where: str, num_layers: int) -> Gemma4Config
         tie_word_embeddings=False,
         max_position_embeddings=max_pos,
     )
-
-
-def rope_dict(rope: RopeConfig) -> dict:
-    """A `rope_parameters` entry that `parse_rope` reads back to the same `RopeConfig` (given the same
-    `max_position_embeddings`)."""
-    d = {"rope_theta": rope.theta, "rope_type": rope.rope_type}
-    if rope.partial_rotary_factor != 1.0:
-        d["partial_rotary_factor"] = rope.partial_rotary_factor
-    for name in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
-                 "mscale_all_dim"):
-        if getattr(rope, name) is not None:
-            d[name] = getattr(rope, name)
-    if not rope.truncate:
-        d["truncate"] = False
-    return d
 
 
 def draft_backbone_fields(backbone: Gemma4Config) -> dict:

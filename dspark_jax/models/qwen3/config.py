@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from dspark_jax.config import RopeConfig, parse_rope, require
+from dspark_jax.config import RopeConfig, parse_rope, require, rope_dict
 from dspark_jax.errors import ConfigError
 
 MODEL_TYPES = ("qwen3", "qwen3_moe")
@@ -116,20 +116,6 @@ def parse_draft_backbone(cfg: dict, where: str, num_layers: int) -> Qwen3Config:
         attention_bias=bool(cfg.get("attention_bias", False)),
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 40960),
     )
-
-
-def rope_dict(rope: RopeConfig) -> dict:
-    """A `rope_parameters` entry that `parse_rope` reads back to the same `RopeConfig`."""
-    d = {"rope_theta": rope.theta, "rope_type": rope.rope_type}
-    if rope.partial_rotary_factor != 1.0:
-        d["partial_rotary_factor"] = rope.partial_rotary_factor
-    for name in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow", "mscale",
-                 "mscale_all_dim"):
-        if getattr(rope, name) is not None:
-            d[name] = getattr(rope, name)
-    if not rope.truncate:
-        d["truncate"] = False
-    return d
 
 
 def draft_backbone_fields(backbone: Qwen3Config) -> dict:
