@@ -57,6 +57,13 @@ def start(target, proposer, req: Requests, K: int, capacity: int, out_len: int, 
         target, req, target.init_cache(B, capacity, max_block=K + 1), chunk=chunk, capture=proposer.feature_indices,
         consume=proposer.extend, consumer_state=proposer.init_state(B, capacity),
     )
+    return begin(target_cache, proposer_state, first, req, out_len)
+
+
+def begin(target_cache, proposer_state, first: jax.Array, req: Requests, out_len: int) -> SpecState:
+    """The state after prefill: every row's first token sampled, no round run yet. Every per-row field of
+    `SpecState` gets its initial value here (continuous batching resets a slot with it)."""
+    B = first.shape[0]
     live = req.max_new > 0
     count = live.astype(jnp.int32)
     out = decode.append_tokens(jnp.full((B, out_len), decode.PAD, jnp.int32), jnp.zeros((B,), jnp.int32), first[:, None], count)
