@@ -14,6 +14,7 @@ FAMILIES = (
     "dspark_jax.models.qwen3",
     "dspark_jax.models.gemma4",
     "dspark_jax.models.deepseek_v3",
+    "dspark_jax.models.deepseek_v4",
 )
 
 

@@ -1,0 +1,179 @@
+"""Tiny random DeepSeek-V4 models built and saved with transformers (the independent reference), a hub-layout
+copy of a saved checkpoint, and near-tie margins of the discrete choices (router top-k, indexer top-k)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+V = 64
+LAYER_TYPES = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+               "compressed_sparse_attention"]
+
+BASE = dict(
+    vocab_size=V,
+    hidden_size=32,
+    moe_intermediate_size=16,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    head_dim=16,
+    q_lora_rank=24,
+    num_experts_per_tok=2,
+    n_routed_experts=8,
+    o_groups=2,
+    o_lora_rank=8,
+    index_n_heads=8,  # >= 8 heads: the indexer scores have no ties (target_families.md §0 finding 4)
+    index_head_dim=8,
+    index_topk=3,  # fewer than the entries of a 40-token prompt, so the top-k decides
+    sliding_window=8,
+    layer_types=LAYER_TYPES,
+    compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+    partial_rotary_factor=0.25,  # rope over the last 4 of 16 dims
+    compress_rope_theta=160000.0,
+    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1},
+    swiglu_limit=0.3,  # small enough that the clamps act on these activations
+    max_position_embeddings=1024,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
+
+
+def randomise(model, seed: int) -> None:
+    """Every persistent tensor random: norms 1 +- 0.1; sinks, position biases, hc bases and the router bias
+    N(0, 0.5^2); hc scales 1 +- 0.3; `tid2eid` distinct random experts per token; the rest N(0, 0.1^2)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("inv_freq"):
+                continue
+            if name.endswith("tid2eid"):
+                rows = [torch.randperm(cfg.n_routed_experts, generator=g)[: cfg.num_experts_per_tok] for _ in range(t.shape[0])]
+                t.copy_(torch.stack(rows))
+            elif "norm" in name:
+                t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
+            elif name.endswith(("sinks", "position_bias", "base", "e_score_correction_bias")):
+                t.copy_(0.5 * torch.randn(t.shape, generator=g))
+            elif name.endswith(("scale", "hc_scale")):
+                t.copy_(1 + 0.3 * torch.randn(t.shape, generator=g))
+            else:
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+
+
+def build(directory: Path, *, seed: int = 0, **overrides):
+    """Build, randomise and save a tiny `DeepseekV4ForCausalLM` (transformers layout). Returns the torch model."""
+    import torch
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(BASE)
+    cfg.update(overrides)
+    model = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg)).eval()
+    randomise(model, seed)
+    model.save_pretrained(directory)
+    return model
+
+
+def hub_copy(src: Path, dst: Path, model) -> None:
+    """`dst`: the model of `src` in the hub layout (DeepSeek's names, no `model.` prefix, per-expert tensors) with
+    a hub-dialect `config.json` (`compress_ratios`, `num_hash_layers`, `qk_rope_head_dim`, `rope_scaling`).
+    Written from transformers' in-memory names by the renames documented in target_families.md §2."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dspark_jax.models.deepseek_v4.checkpoint import to_hub
+
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().clone().contiguous()
+        hub = to_hub(key)
+        if hub.endswith("experts.gate_up_proj"):
+            F = value.shape[1] // 2
+            for e in range(value.shape[0]):
+                tensors[hub.replace("gate_up_proj", f"{e}.w1.weight")] = value[e, :F].clone()
+                tensors[hub.replace("gate_up_proj", f"{e}.w3.weight")] = value[e, F:].clone()
+        elif hub.endswith("experts.down_proj"):
+            for e in range(value.shape[0]):
+                tensors[hub.replace("down_proj", f"{e}.w2.weight")] = value[e].clone()
+        else:
+            tensors[hub] = value
+    with torch.no_grad():
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    rates = cfg.pop("compress_rates")
+    ratio = {"sliding_attention": 0, "compressed_sparse_attention": 4,
+             "heavily_compressed_attention": rates["heavily_compressed_attention"]}
+    cfg["compress_ratios"] = [ratio[t] for t in cfg.pop("layer_types")] + [0]  # + the MTP layer's entry
+    cfg["num_hash_layers"] = cfg.pop("mlp_layer_types").count("hash_moe")
+    cfg["qk_rope_head_dim"] = int(cfg["head_dim"] * cfg.pop("partial_rotary_factor"))
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope["main"]["rope_theta"]
+    cfg["compress_rope_theta"] = rope["compress"]["rope_theta"]
+    cfg["rope_scaling"] = {k: v for k, v in rope["compress"].items()
+                           if k in ("type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow")}
+    cfg["rope_scaling"]["type"] = "yarn"
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def copy_dir(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def margins(hf, ids) -> dict[str, float]:
+    """Smallest gap, over `ids`, between the last kept and the first dropped candidate of transformers' routers
+    (corrected scores) and lightning indexers (finite scores only)."""
+    import torch
+
+    out = {"router": np.inf, "indexer": np.inf}
+
+    def router_hook(module, args, result):
+        logits = result[0].double()
+        choice = torch.nn.functional.softplus(logits).sqrt() + module.e_score_correction_bias.double()
+        top = choice.sort(dim=-1, descending=True)[0]
+        k = module.top_k
+        out["router"] = min(out["router"], float((top[:, k - 1] - top[:, k]).min()))
+
+    def scorer_hook(module, args, result):
+        k = module_topk[0]
+        s = result.double().sort(dim=-1, descending=True)[0]
+        if s.shape[-1] > k:
+            a, b = s[..., k - 1], s[..., k]
+            finite = torch.isfinite(a) & torch.isfinite(b)
+            if finite.any():
+                out["indexer"] = min(out["indexer"], float((a - b)[finite].min()))
+
+    module_topk = [hf.config.index_topk]
+    handles = []
+    for m in hf.modules():
+        name = type(m).__name__
+        if name == "DeepseekV4TopKRouter":
+            handles.append(m.register_forward_hook(router_hook))
+    # the scorer returns unmasked scores; mask the future here the way the indexer does
+    for layer in hf.model.layers:
+        comp = layer.self_attn.compressor
+        if comp is not None and hasattr(comp, "indexer"):
+            ratio = comp.indexer.compress_rate
+
+            def hook(module, args, result, ratio=ratio):
+                T = result.shape[1]
+                pos = torch.arange(T)[:, None]
+                masked = result.masked_fill(torch.arange(result.shape[-1])[None, :] >= (pos + 1) // ratio, float("-inf"))
+                scorer_hook(module, args, masked)
+
+            handles.append(comp.indexer.scorer.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            hf(torch.as_tensor(ids, dtype=torch.long))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
