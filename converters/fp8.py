@@ -7,10 +7,16 @@ weight_block_size`, 128 x 128 for DeepSeek-V3): the real weight is `fp8 * scale_
 blocks at the right and bottom edges being partial. Everything else (norms, embeddings, the router, its
 bias) is stored unquantised and passes through untouched.
 
+DeepSeek-V4 hub checkpoints (docs/deepseek.md §9) name the scale `X.scale` and store it as UE8M0
+(`float8_e8m0fnu`, the value `2^(byte - 127)`; `quantization_config.scale_fmt = "ue8m0"`). Their routed
+experts are FP4 e2m1 (`expert_dtype = "fp4"`): two values per byte, the low nibble first, in an int8 / uint8
+`[out, in / 2]` tensor with a UE8M0 scale per 1 x 32 block of the unpacked `[out, in]` weight.
+
 `dequantize_stream` pairs each weight with its scale in whichever order they arrive (keys of one shard
 are sorted, but a pair may straddle shards; a memory-mapped tensor waits without being read) and yields
-the float32 weight under the weight's key; the scale key is consumed. A float8 weight without a scale, a
-scale without its weight, or a scale grid of the wrong shape is a `FormatError`.
+the float32 weight under the weight's key; the scale key is consumed. A float8 or packed-FP4 weight without
+a scale, a scale without its weight, or a scale grid of the wrong shape (for FP4: a packing that does not
+match its scales) is a `FormatError`.
 """
 
 from __future__ import annotations
@@ -25,8 +31,52 @@ import numpy as np
 from converters.errors import FormatError
 
 SCALE_SUFFIX = "_scale_inv"  # `X.weight` -> `X.weight_scale_inv`
+V4_SCALE_SUFFIX = ".scale"  # `X.weight` -> `X.scale` (DeepSeek-V4 hub layout, UE8M0 scales)
 FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+UE8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
+FP4_DTYPES = (np.dtype(np.int8), np.dtype(np.uint8))  # two e2m1 values per byte
+FP4_BLOCK = (1, 32)
+FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 DEFAULT_BLOCK = (128, 128)
+SCALE_FORMATS = (None, "ue8m0")
+EXPERT_DTYPES = (None, "fp4", "fp8", "bf16")
+
+
+def weight_key_of_scale(key: str, array: np.ndarray | None = None) -> str | None:
+    """The weight a scale tensor belongs to, or None if `key` is no scale: `X.weight_scale_inv` (any dtype) or,
+    stored as UE8M0, `X.scale` (a float `X.scale` is an ordinary parameter, e.g. transformers' `attn_hc.scale`)."""
+    if key.endswith(SCALE_SUFFIX):
+        return key[: -len(SCALE_SUFFIX)]
+    if key.endswith(V4_SCALE_SUFFIX) and array is not None and array.dtype == UE8M0:
+        return key[: -len(V4_SCALE_SUFFIX)] + ".weight"
+    return None
+
+
+def is_packed_fp4(key: str, array: np.ndarray) -> bool:
+    """An int8 / uint8 `...weight` tensor: a packed FP4 weight (integer tables such as `tid2eid` are not weights)."""
+    return array.dtype in FP4_DTYPES and key.endswith(".weight")
+
+
+def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+    """float32 `[..., 2 n]` from e2m1 pairs `[..., n]` (int8 or uint8 bytes, the low nibble first)."""
+    u8 = np.asarray(packed).view(np.uint8)
+    out = np.stack([FP4_E2M1[u8 & 0xF], FP4_E2M1[u8 >> 4]], axis=-1)
+    return out.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def dequantize_fp4(weight: np.ndarray, scale: np.ndarray, key: str = "weight") -> np.ndarray:
+    """float32 `[out, in]` of a packed `[out, in / 2]` FP4 weight times its 1 x 32 block scales `[out, in / 32]`."""
+    if weight.ndim != 2:
+        raise FormatError(f"FP4 tensor {key!r} has shape {weight.shape}; it must be a 2-D [out, in / 2] packed weight")
+    out, half = weight.shape
+    grid = scale_grid((out, 2 * half), FP4_BLOCK)
+    if tuple(scale.shape) != grid:
+        raise FormatError(
+            f"FP4 weight {key!r} is packed as {tuple(weight.shape)} (two e2m1 values per byte, so [{out}, {2 * half}] "
+            f"unpacked) but its scale has shape {tuple(scale.shape)}, expected {grid} for 1x32 blocks: the packing "
+            "does not match the scales (re-export the experts as [out, in / 2] bytes with [out, in / 32] scales)"
+        )
+    return dequantize(unpack_fp4(weight), scale, FP4_BLOCK, key)
 
 
 def block_size(config: dict | None, where: str = "config.json") -> tuple[int, int] | None:
@@ -45,6 +95,12 @@ def block_size(config: dict | None, where: str = "config.json") -> tuple[int, in
         raise FormatError(f"{where}: quantization_config.fmt={fmt!r} is not supported (only 'e4m3')")
     if q.get("activation_scheme", "dynamic") != "dynamic":
         raise FormatError(f"{where}: quantization_config.activation_scheme={q.get('activation_scheme')!r} is not supported (only 'dynamic')")
+    if q.get("scale_fmt") not in SCALE_FORMATS:
+        raise FormatError(f"{where}: quantization_config.scale_fmt={q.get('scale_fmt')!r} is not supported "
+                          f"(supported: {[f for f in SCALE_FORMATS if f]} or none)")
+    expert = q.get("expert_dtype", (config or {}).get("expert_dtype"))
+    if expert not in EXPERT_DTYPES:
+        raise FormatError(f"{where}: expert_dtype={expert!r} is not supported (supported: {[e for e in EXPERT_DTYPES if e]})")
     block = q.get("weight_block_size") or DEFAULT_BLOCK
     if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
         raise FormatError(f"{where}: quantization_config.weight_block_size={block!r} must be two positive integers")
@@ -105,41 +161,52 @@ def dequantize_stream(
         block = None
     else:
         read_block = None
+    scale_names: dict[str, str] = {}  # weight key -> the scale key seen (for messages)
+
+    def deq(key, weight, scale):
+        if is_packed_fp4(key, weight):
+            return dequantize_fp4(weight, scale, key)
+        return dequantize(weight, scale, block, key)
+
     for key, array, file in tensors:
-        if read_block is not None and (key.endswith(SCALE_SUFFIX) or array.dtype in FP8_DTYPES) and not skip(
-            key.removesuffix(SCALE_SUFFIX)
-        ):
+        weight_key = weight_key_of_scale(key, array)
+        quantized = array.dtype in FP8_DTYPES or is_packed_fp4(key, array)
+        if read_block is not None and (weight_key or quantized) and not skip(weight_key or key):
             block, read_block = read_block(), None
-        if key.endswith(SCALE_SUFFIX):
-            weight_key = key[: -len(SCALE_SUFFIX)]
+        if weight_key is not None:
             if skip(weight_key):
                 continue
             if block is None:
-                raise FormatError(f"{file}: tensor {key!r} is an FP8 block scale but config.json declares no quantization_config")
+                raise FormatError(f"{file}: tensor {key!r} is a block scale but config.json declares no quantization_config")
+            scale_names[weight_key] = key
             if weight_key in weights:
                 w, w_file = weights.pop(weight_key)
-                yield weight_key, dequantize(w, array, block, weight_key), w_file
+                yield weight_key, deq(weight_key, w, array), w_file
             else:
                 scales[weight_key] = (array, file)
             continue
         if skip(key):
             continue
-        if array.dtype not in FP8_DTYPES:
+        if not quantized:
             yield key, array, file
             continue
         if block is None:
-            raise FormatError(f"{file}: tensor {key!r} is stored as {array.dtype} but config.json declares no quantization_config")
+            what = "packed FP4 (int8 pairs)" if is_packed_fp4(key, array) else str(array.dtype)
+            raise FormatError(f"{file}: tensor {key!r} is stored as {what} but config.json declares no quantization_config")
         if key in scales:
             s, _ = scales.pop(key)
-            yield key, dequantize(array, s, block, key), file
+            yield key, deq(key, array, s), file
         else:
             weights[key] = (array, file)
     if weights:
         names = sorted(weights)
+        v4 = any(k.endswith(V4_SCALE_SUFFIX) for k in scale_names.values())
+        wanted = [k[: -len(".weight")] + V4_SCALE_SUFFIX if v4 and k.endswith(".weight") else k + SCALE_SUFFIX
+                  for k in names[:8]]
         raise FormatError(
-            f"checkpoint is missing FP8 scale(s) {[k + SCALE_SUFFIX for k in names[:8]]} for weight(s) stored as float8 "
+            f"checkpoint is missing FP8 scale(s) {wanted} for weight(s) stored as float8 or packed FP4 "
             f"(in {weights[names[0]][1]})"
         )
     if scales:
         names = sorted(scales)
-        raise FormatError(f"checkpoint has FP8 scale(s) {[k + SCALE_SUFFIX for k in names[:8]]} without their weights")
+        raise FormatError(f"checkpoint has block scale(s) {[scale_names[k] for k in names[:8]]} without their weights")

@@ -177,3 +177,104 @@ def margins(hf, ids) -> dict[str, float]:
         for h in handles:
             h.remove()
     return out
+
+
+# --- FP8 (UE8M0 block scales) and FP4 e2m1 experts, as DeepSeek-V4 hub checkpoints store them ---------------
+
+FP8_NAMES = (".attn.wq_a.weight", ".attn.wq_b.weight", ".attn.wkv.weight", ".attn.wo_a.weight", ".attn.wo_b.weight",
+             ".shared_experts.w1.weight", ".shared_experts.w2.weight", ".shared_experts.w3.weight")
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
+
+
+def _pow2_scale(amax: np.ndarray, top: float) -> np.ndarray:
+    """UE8M0 scales: the smallest power of two with `amax / scale <= top`."""
+    return np.exp2(np.ceil(np.log2(np.maximum(amax, 1e-30) / top))).astype(np.float32)
+
+
+def quantize_fp8_ue8m0(w: np.ndarray, block=(128, 128)) -> tuple[np.ndarray, np.ndarray]:
+    import ml_dtypes
+
+    out, inp = w.shape
+    go, gi = -(-out // block[0]), -(-inp // block[1])
+    scale = np.zeros((go, gi), np.float32)
+    q = np.zeros(w.shape, ml_dtypes.float8_e4m3fn)
+    for i in range(go):
+        for j in range(gi):
+            blk = w[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]]
+            scale[i, j] = _pow2_scale(np.abs(blk).max(), 448.0)
+            q[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]] = (blk / scale[i, j]).astype(q.dtype)
+    return q, scale.astype(ml_dtypes.float8_e8m0fnu)
+
+
+def quantize_fp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Packed e2m1 pairs `[out, in / 2]` (int8, low nibble first) and UE8M0 scales `[out, in / 32]`."""
+    import ml_dtypes
+
+    out, inp = w.shape
+    blocks = -(-inp // 32)
+    scale = np.zeros((out, blocks), np.float32)
+    codes = np.zeros(w.shape, np.uint8)
+    for j in range(blocks):
+        blk = w[:, j * 32 : (j + 1) * 32]
+        scale[:, j] = _pow2_scale(np.abs(blk).max(axis=1), 6.0)
+        x = blk / scale[:, j : j + 1]
+        mag = np.abs(np.abs(x)[..., None] - E2M1).argmin(-1).astype(np.uint8)
+        codes[:, j * 32 : (j + 1) * 32] = mag | (np.signbit(x).astype(np.uint8) << 3)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8).view(np.int8)
+    return packed, scale.astype(ml_dtypes.float8_e8m0fnu)
+
+
+def quantize_v4(src: Path, dst: Path) -> None:
+    """`dst`: the hub checkpoint `src` with FP8 e4m3 attention / shared-expert weights (128x128 UE8M0 `.scale`)
+    and FP4 routed experts (1x32 UE8M0 `.scale`), and the matching `quantization_config` / `expert_dtype`."""
+    from converters.safetensors_io import iter_checkpoint, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value, _ in iter_checkpoint(src):
+        value = np.asarray(value, np.float32) if value.dtype.kind == "f" else np.asarray(value)
+        base = key[: -len(".weight")]
+        if ".ffn.experts." in key:
+            tensors[key], tensors[base + ".scale"] = quantize_fp4(value)
+        elif key.endswith(FP8_NAMES):
+            tensors[key], tensors[base + ".scale"] = quantize_fp8_ue8m0(value)
+        else:
+            tensors[key] = value
+    save_file(tensors, dst / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "scale_fmt": "ue8m0",
+                                  "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+    cfg["expert_dtype"] = "fp4"
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def hf_dequantized_copy(src: Path, dst: Path) -> None:
+    """`dst`: the quantised checkpoint `src` with every (weight, scale) pair replaced by transformers' own
+    dequantisation (`Fp8Dequantize`), float32, and no quantization_config."""
+    import torch
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from converters.safetensors_io import iter_checkpoint, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    raw = {k: np.asarray(v) for k, v, _ in iter_checkpoint(src)}
+    op = Fp8Dequantize(None)
+    out = {}
+    for key, value in raw.items():
+        if key.endswith(".scale") and key[: -len(".scale")] + ".weight" in raw:
+            continue
+        scale = raw.get(key[: -len(".weight")] + ".scale") if key.endswith(".weight") else None
+        if scale is None:
+            out[key] = value
+            continue
+        s = torch.from_numpy(scale.view(np.uint8).copy()).view(torch.float8_e8m0fnu)
+        if value.dtype == np.int8:
+            q = torch.from_numpy(value.copy())
+        else:
+            q = torch.from_numpy(value.view(np.uint8).copy()).view(torch.float8_e4m3fn)
+        out[key] = op._dequantize_one(q, s, output_dtype=torch.float32).numpy()
+    save_file(out, dst / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config")
+    cfg.pop("expert_dtype")
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))

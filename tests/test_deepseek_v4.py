@@ -276,3 +276,98 @@ def test_missing_and_unexpected_tensors_are_named(case, tmp_path):
         dj.load_target(extra, dtype="float32")
     cfg = json.loads((directory / "config.json").read_text())
     assert cfg["num_nextn_predict_layers"] == 1  # `mtp.*` keys belong to the MTP proposer: skipped, not refused
+
+
+# --- FP8 (UE8M0) and FP4 storage -------------------------------------------------------------------------
+
+
+def test_fp4_unpacking_and_ue8m0_scales_by_hand():
+    import ml_dtypes
+
+    from converters import fp8
+
+    packed = np.array([[0x2F, 0x91]], np.uint8).view(np.int8)  # nibbles (low first): 0xF, 0x2, 0x1, 0x9
+    np.testing.assert_array_equal(fp8.unpack_fp4(packed), [[-6.0, 1.0, 0.5, -0.5]])
+    scale = np.array([[128]], np.uint8).view(ml_dtypes.float8_e8m0fnu)  # 2^(128 - 127)
+    np.testing.assert_array_equal(fp8.dequantize_fp4(packed, scale), [[-12.0, 2.0, 1.0, -1.0]])
+    w = np.zeros((2, 40), np.int8)  # 80 unpacked values: blocks of 32, 32 and a partial 16
+    s = np.array([[127, 129, 126], [130, 127, 127]], np.uint8).view(ml_dtypes.float8_e8m0fnu)
+    w[:, :] = 0x22  # 1.0, 1.0
+    np.testing.assert_array_equal(fp8.dequantize_fp4(w, s)[0], [1.0] * 32 + [4.0] * 32 + [0.5] * 16)
+
+
+@pytest.fixture(scope="module")
+def quantized(case, tmp_path_factory):
+    from deepseek_v4_models import hf_dequantized_copy, quantize_v4
+
+    root = tmp_path_factory.mktemp("v4_quant")
+    hub_copy(case["dir"], root / "hub", case["hf"])
+    quantize_v4(root / "hub", root / "fp8_fp4")
+    hf_dequantized_copy(root / "fp8_fp4", root / "reference")
+    return root
+
+
+def test_fp8_and_fp4_checkpoint_dequantises_like_transformers(quantized):
+    """A hub checkpoint with FP8 (128x128 UE8M0) attention weights and FP4 experts loads to exactly the
+    weights transformers' own dequantisation gives (written out as float32 and loaded unquantised)."""
+    from converters.safetensors_io import iter_checkpoint
+
+    kinds = {str(v.dtype) for _, v, _ in iter_checkpoint(quantized / "fp8_fp4")}
+    assert {"float8_e4m3fn", "float8_e8m0fnu", "int8"} <= kinds
+    ours = _params(dj.load_target(quantized / "fp8_fp4", dtype="float32"))
+    reference = _params(dj.load_target(quantized / "reference", dtype="float32"))
+    unquantized = _params(dj.load_target(quantized / "hub", dtype="float32"))
+    assert ours.keys() == reference.keys()
+    changed = 0
+    for p in ours:
+        np.testing.assert_array_equal(ours[p], reference[p], err_msg=str(p))
+        changed += not np.array_equal(ours[p], unquantized[p])
+    assert changed >= 8, "the quantised checkpoint should differ from the float one in its quantised weights"
+
+
+def _rewrite(directory, change):
+    from converters.safetensors_io import iter_checkpoint, save_file
+
+    tensors = {k: np.asarray(v).copy() for k, v, _ in iter_checkpoint(directory)}
+    change(tensors)
+    save_file(tensors, directory / "model.safetensors")
+
+
+def test_fp8_fp4_strict_errors(quantized, tmp_path):
+    import shutil
+
+    src = quantized / "fp8_fp4"
+    expert = "layers.1.ffn.experts.3.w2"
+
+    missing = shutil.copytree(src, tmp_path / "missing")
+    _rewrite(missing, lambda t: t.pop(expert + ".scale"))
+    with pytest.raises(CheckpointError, match=r"missing FP8 scale.*experts\.3\.w2\.scale"):
+        dj.load_target(missing, dtype="float32")
+
+    up = "layers.1.ffn.experts.3.w1.weight"  # [16, 32] unpacked: 16 bytes and one scale per row
+    repacked = shutil.copytree(src, tmp_path / "packing")  # one value per byte: the scales no longer match
+    _rewrite(repacked, lambda t: t.__setitem__(up, np.repeat(t[up], 2, axis=1)))
+    with pytest.raises(CheckpointError, match=r"experts\.3\.w1\.weight.*packing does not match"):
+        dj.load_target(repacked, dtype="float32")
+
+    for field, value, error, match in [
+        ("scale_fmt", "e5m0", CheckpointError, "scale_fmt='e5m0' is not supported"),
+        ("fmt", "e5m2", CheckpointError, "fmt='e5m2' is not supported"),
+        ("expert_dtype", "fp2", ConfigError, "expert_dtype='fp2' is not supported"),
+    ]:
+        other = shutil.copytree(src, tmp_path / f"bad_{field}")
+        cfg = json.loads((other / "config.json").read_text())
+        if field == "expert_dtype":
+            cfg[field] = value
+        else:
+            cfg["quantization_config"][field] = value
+        (other / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(error, match=match):
+            dj.load_target(other, dtype="float32")
+
+    undeclared = shutil.copytree(src, tmp_path / "undeclared")
+    cfg = json.loads((undeclared / "config.json").read_text())
+    del cfg["quantization_config"]
+    (undeclared / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="declares no quantization_config"):
+        dj.load_target(undeclared, dtype="float32")
