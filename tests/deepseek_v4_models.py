@@ -43,13 +43,13 @@ BASE = dict(
 )
 
 
-def randomise(model, seed: int) -> None:
+def randomise(model, seed: int, cfg=None) -> None:
     """Every persistent tensor random: norms 1 +- 0.1; sinks, position biases, hc bases and the router bias
     N(0, 0.5^2); hc scales 1 +- 0.3; `tid2eid` distinct random experts per token; the rest N(0, 0.1^2)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    cfg = model.config
+    cfg = cfg or model.config
     with torch.no_grad():
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith("inv_freq"):
@@ -278,3 +278,94 @@ def hf_dequantized_copy(src: Path, dst: Path) -> None:
     cfg.pop("quantization_config")
     cfg.pop("expert_dtype")
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+# --- the V4 MTP module (`mtp.0`), built from transformers' V4 modules --------------------------------------
+
+
+class MTPReference:
+    """DeepSeek-V4's MTP block (the official `MTPBlock` formula, docs/deepseek.md §10) assembled from
+    transformers' own V4 modules: a `DeepseekV4DecoderLayer` (sliding attention, routed MoE), a
+    `DeepseekV4HyperHead`, RMSNorms and two projections; the target's embedding and head are shared."""
+
+    def __init__(self, hf, seed: int):
+        import copy
+
+        import torch
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as m
+
+        cfg = copy.deepcopy(hf.config)
+        L = cfg.num_hidden_layers
+        cfg.layer_types = list(cfg.layer_types) + ["sliding_attention"]
+        cfg.mlp_layer_types = list(cfg.mlp_layer_types) + ["moe"]
+        D = cfg.hidden_size
+        self.hf, self.L = hf, L
+        self.layer = m.DeepseekV4DecoderLayer(cfg, L).eval()
+        self.hc_head = m.DeepseekV4HyperHead(cfg).eval()
+        self.enorm, self.hnorm, self.norm = (m.DeepseekV4RMSNorm(D, cfg.rms_norm_eps) for _ in range(3))
+        self.e_proj = torch.nn.Linear(D, D, bias=False)
+        self.h_proj = torch.nn.Linear(D, D, bias=False)
+        self.modules = {"": self.layer, "hc_head.": self.hc_head, "enorm.": self.enorm, "hnorm.": self.hnorm,
+                        "norm.": self.norm, "e_proj.": self.e_proj, "h_proj.": self.h_proj}
+        for i, mod in enumerate(self.modules.values()):
+            randomise(mod, seed + i, cfg)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for norm in (self.enorm, self.hnorm, self.norm):
+                norm.weight.copy_(1 + 0.1 * torch.randn(norm.weight.shape, generator=g))
+
+    def hub_tensors(self) -> dict:
+        """The module in the hub layout, `mtp.0.*` (per-expert tensors)."""
+        from dspark_jax.models.deepseek_v4.checkpoint import to_hub
+
+        out = {}
+        for prefix, mod in self.modules.items():
+            for key, value in mod.state_dict().items():
+                value = value.detach().clone().contiguous()
+                if prefix == "hc_head.":
+                    out["mtp.0." + key.replace("hc_", "hc_head_")] = value
+                    continue
+                hub = "mtp.0." + to_hub("layers.0." + prefix + key).removeprefix("layers.0.")
+                if hub.endswith("experts.gate_up_proj"):
+                    F = value.shape[1] // 2
+                    for e in range(value.shape[0]):
+                        out[hub.replace("gate_up_proj", f"{e}.w1.weight")] = value[e, :F].clone()
+                        out[hub.replace("gate_up_proj", f"{e}.w3.weight")] = value[e, F:].clone()
+                elif hub.endswith("experts.down_proj"):
+                    for e in range(value.shape[0]):
+                        out[hub.replace("down_proj", f"{e}.w2.weight")] = value[e].clone()
+                else:
+                    out[hub] = value
+        return out
+
+    def streams(self, ids):
+        """The target's raw last-layer streams `[B, S, n, D]` (before its hc_head) for `ids [B, S]`."""
+        import torch
+
+        got = {}
+        handle = self.hf.model.layers[-1].register_forward_hook(lambda mod, a, out: got.setdefault("h", out))
+        try:
+            with torch.no_grad():
+                self.hf(torch.as_tensor(ids, dtype=torch.long))
+        finally:
+            handle.remove()
+        return got["h"]
+
+    def run(self, tokens, hidden):
+        """Logits and output streams of the block over rows `(hidden[i], tokens[i])` at positions 0.. (one
+        sequence, no cache: causal within the sliding window)."""
+        import torch
+
+        cfg = self.layer.self_attn.config
+        tokens = torch.as_tensor(tokens, dtype=torch.long)[None]
+        S = tokens.shape[1]
+        with torch.no_grad():
+            e = self.enorm(self.hf.model.embed_tokens(tokens))
+            x = self.e_proj(e).unsqueeze(2) + self.h_proj(self.hnorm(hidden[None]))
+            pos = torch.arange(S)[None]
+            pe = {t: self.hf.model.rotary_emb(x, position_ids=pos, layer_type=t) for t in ("main", "compress")}
+            d = pos[0][:, None] - pos[0][None, :]
+            mask = torch.where((d >= 0) & (d < cfg.sliding_window), 0.0, float("-inf"))[None, None]
+            g = self.layer(x, position_embeddings=pe, position_ids=pos, attention_mask=mask, input_ids=tokens, cache=None)
+            logits = self.hf.lm_head(self.norm(self.hc_head(g)))
+        return logits[0], g[0]

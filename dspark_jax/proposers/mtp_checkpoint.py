@@ -28,12 +28,12 @@ from dspark_jax.proposers.mtp import DEFAULT_MAX_DRAFT_LENGTH, MTPConfig, MTPPro
 
 
 def is_mtp_directory(path) -> bool:
-    """Whether `path` is a target checkpoint whose MTP module `load_draft` should read (a DeepSeek-V3 config)."""
+    """Whether `path` is a target checkpoint whose MTP module `load_draft` should read (a DeepSeek-V3 or -V4 config)."""
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") in MODEL_TYPES
+        return json.loads(config.read_text()).get("model_type") in (*MODEL_TYPES, "deepseek_v4")
     except (json.JSONDecodeError, OSError):
         return False
 
@@ -92,6 +92,10 @@ def load_mtp(path, dtype="bfloat16", mesh=None, max_draft_length: int = DEFAULT_
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if read_json(directory / "config.json").get("model_type") == "deepseek_v4":  # its `mtp.0` module (proposers.mtp_v4)
+        from dspark_jax.proposers.mtp_v4 import load_v4_mtp
+
+        return load_v4_mtp(directory, dtype=dtype, mesh=mesh, max_draft_length=max_draft_length)
     dt = check_dtype(dtype)
     where = directory / "config.json"
     target = parse_v3(read_json(where), str(where))

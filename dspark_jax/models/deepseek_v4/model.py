@@ -282,12 +282,27 @@ class V4Attention(nnx.Module):
             return 0
         return self.compressor.width + (self.indexer.compressor.width if self.type == CSA else 0)
 
-    def __call__(self, x: jax.Array, ctx: Context, cache: V4LayerCache, rope_at) -> tuple[jax.Array, V4LayerCache]:
-        B, T, _ = x.shape
-        cos, sin = ctx.rope[self.type]
+    def keys(self, x: jax.Array, cos, sin) -> jax.Array:
+        """The shared key/value rows `[B, T, 1, H]` (normed, roped) of inputs `x [B, T, D]`."""
+        return rope_tail(rms_norm_fp32(linear(x, self.wkv[...]), self.kv_norm[...], self.eps)[:, :, None, :], cos, sin)
+
+    def queries(self, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """(roped queries `[B, T, N, H]`, the normed low-rank query `qr [B, T, Rq]` the indexer also reads)."""
         qr = rms_norm_fp32(linear(x, self.wq_a[...]), self.q_norm[...], self.eps)
-        q = rope_tail(unweighted_rms(linear(qr, self.wq_b[...]), self.eps), cos, sin)
-        k = rope_tail(rms_norm_fp32(linear(x, self.wkv[...]), self.kv_norm[...], self.eps)[:, :, None, :], cos, sin)
+        return rope_tail(unweighted_rms(linear(qr, self.wq_b[...]), self.eps), cos, sin), qr
+
+    def output(self, q: jax.Array, parts, cos, sin) -> jax.Array:
+        """Attention over `parts [(kv [B, S, H], mask [B, T, S])]` with the sinks, the inverse RoPE and the
+        grouped output projection -> `[B, T, D]`."""
+        B, T = q.shape[:2]
+        out = rope_tail(self._attend(q, parts), cos, -sin)
+        y = jnp.einsum("btgi,igo->btgo", out.reshape(B, T, self.groups, -1), self.wo_a[...]).reshape(B, T, -1)
+        return linear(y, self.wo_b[...])
+
+    def __call__(self, x: jax.Array, ctx: Context, cache: V4LayerCache, rope_at) -> tuple[jax.Array, V4LayerCache]:
+        cos, sin = ctx.rope[self.type]
+        q, qr = self.queries(x, cos, sin)
+        k = self.keys(x, cos, sin)
         S = cache.window.shape[1]
         parts = [(cache.window[:, :, 0], kv.cached_mask(ctx.positions, ctx.lengths, S, self.window)),
                  (k[:, :, 0], ctx.fresh_mask)]
@@ -296,11 +311,7 @@ class V4Attention(nnx.Module):
             part, updates = self._compressed(x, qr, ctx, cache, rope_at)
             parts.append(part)
             new = dataclasses.replace(new, **updates)
-        out = self._attend(q, parts)
-        out = rope_tail(out, cos, -sin)
-        grouped = out.reshape(B, T, self.groups, -1)
-        y = jnp.einsum("btgi,igo->btgo", grouped, self.wo_a[...]).reshape(B, T, -1)
-        return linear(y, self.wo_b[...]), new
+        return self.output(q, parts, cos, sin), new
 
     def _compressed(self, x, qr, ctx: Context, cache: V4LayerCache, rope_at):
         """Write this block's entries (from the raw ring and the block's rows) -> (the compressed part
@@ -429,6 +440,10 @@ class DeepseekV4Model(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.head = init.normal((V, D), ("vocab", "embed"))
 
+    def last_streams_index(self) -> int:
+        """The capture index of the raw last-layer streams `[B, T, n * D]` (before `hc_head`): a V4 MTP module's input."""
+        return self.config.num_layers + 1
+
     def kind(self, layer: int) -> tuple[str, str]:
         return self.config.layer_types[layer], self.config.mlp_layer_types[layer]
 
@@ -502,9 +517,12 @@ class DeepseekV4Model(nnx.Module):
         requested HF `output_hidden_states` concatenated: index 0 = embeddings, i + 1 = output of layer i,
         L = final norm, each the mean over the hc streams (`[B, T, D]` per index). With `streams`, each index
         i < L is the flattened streams `[B, T, n * D]` instead and index L the raw last-layer streams (before
-        `hc_head`)."""
+        `hc_head`). Requesting index `L + 1` (alone) means those raw last-layer streams (`last_streams_index`)."""
         c = self.config
         B, T = tokens.shape
+        L = c.num_layers
+        if capture and all(i == L + 1 for i in capture):  # LAST_STREAMS: what a V4 MTP module reads
+            capture, streams = (L,) * len(capture), True
         lengths = lengths.astype(jnp.int32)
         num_valid = jnp.full((B,), T, jnp.int32) if num_valid is None else num_valid.astype(jnp.int32)
         positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
@@ -517,7 +535,6 @@ class DeepseekV4Model(nnx.Module):
 
         x = self.embed_tokens(tokens)
         h = jnp.broadcast_to(x[:, :, None, :], (B, T, c.hc_mult, c.hidden_size))
-        L = c.num_layers
         cap = stack.Capture(capture, L)
 
         def feature(h):
