@@ -158,13 +158,15 @@ def test_cached_blocks_with_rejected_suffixes_equal_the_full_forward(case):
 
 # --- generation (end to end: slow) -----------------------------------------------------------------------
 
-PROMPTS = [[3, 9, 27, 5, 1], list(range(40, 51))]
+# the third prompt is prefilled in three chunks of 16 (windows of 4 and 8 positions completed across chunks)
+PROMPTS = [[3, 9, 27, 5, 1], list(range(40, 51)), [(7 * i + 3) % 64 for i in range(37)]]
 NEW = 16
+CHUNK = 16
 
 
 @pytest.fixture(scope="module")
 def plain(case):
-    return dj.generate(case["target"], None, PROMPTS, max_new_tokens=NEW, stop_token_ids=[]).tokens
+    return dj.generate(case["target"], None, PROMPTS, max_new_tokens=NEW, stop_token_ids=[], prefill_chunk=CHUNK).tokens
 
 
 @pytest.mark.slow
@@ -223,7 +225,8 @@ def test_greedy_speculative_equals_plain_greedy(case, plain):
     fixed = {"schedule": "fixed"} if "schedule" in inspect.signature(dj.generate).parameters else {}
     for name, script in _scripts(plain, target.config.vocab_size).items():
         draft = dj.Draft.of_module(ScriptedProposer(script, K), None, jnp.float32)
-        result = dj.generate(target, draft, PROMPTS, max_new_tokens=NEW, stop_token_ids=[], draft_length=K, **fixed)
+        result = dj.generate(target, draft, PROMPTS, max_new_tokens=NEW, stop_token_ids=[], draft_length=K,
+                             prefill_chunk=CHUNK, **fixed)
         assert result.tokens == plain, name
         tau = result.stats.mean_acceptance_length
         if name == "oracle":
@@ -232,6 +235,33 @@ def test_greedy_speculative_equals_plain_greedy(case, plain):
             assert tau < 1.5, tau
         else:
             assert 1.2 < tau < K + 1, tau
+
+
+def test_bfloat16_keeps_float32_parameters_and_an_int32_hash_table(case):
+    target = dj.load_target(case["dir"], dtype="bfloat16")
+    dtypes = {p: v.get_value().dtype for p, v in nnx.to_flat_state(target.params)}
+    fp32 = ("attn_norm", "ffn_norm", "q_norm", "kv_norm", "norm", "attn_sink", "ape", "bias", "fn", "base", "scale",
+            "hc_head_fn", "hc_head_base", "hc_head_scale")
+    for path, dtype in dtypes.items():
+        if path[-1] == "tid2eid":
+            assert dtype == jnp.int32
+        elif path[-1] in fp32:
+            assert dtype == jnp.float32, path
+        else:
+            assert dtype == jnp.bfloat16, path
+
+
+@pytest.mark.slow
+def test_bfloat16_follows_the_float32_reference(case):
+    hf = case["hf"]
+    target = dj.load_target(case["dir"], dtype="bfloat16")
+    ids = np.random.default_rng(1).integers(0, target.config.vocab_size, (2, SEQ))
+    logits, _, _, _ = _forward(target.graphdef, target.params, jnp.asarray(ids, jnp.int32), jnp.zeros(2, jnp.int32),
+                               target.module.init_cache(2, 64), None)
+    ref = _hf(hf, ids).logits.numpy()
+    ours = np.asarray(logits)
+    assert np.abs(ours - ref).max() < 0.1
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() > 0.9
 
 
 # --- strict errors ----------------------------------------------------------------------------------------

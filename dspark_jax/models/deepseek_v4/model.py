@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax.errors import ConfigError
 from dspark_jax.layers import kv_cache as kv
 from dspark_jax.layers import stack
 from dspark_jax.layers.attention import MASKED
@@ -521,7 +522,9 @@ class DeepseekV4Model(nnx.Module):
         c = self.config
         B, T = tokens.shape
         L = c.num_layers
-        if capture and all(i == L + 1 for i in capture):  # LAST_STREAMS: what a V4 MTP module reads
+        if L + 1 in capture:  # the raw last-layer streams: what a V4 MTP module reads
+            if any(i != L + 1 for i in capture):
+                raise ConfigError(f"capture {capture}: index {L + 1} (the raw last-layer streams) must be requested alone")
             capture, streams = (L,) * len(capture), True
         lengths = lengths.astype(jnp.int32)
         num_valid = jnp.full((B,), T, jnp.int32) if num_valid is None else num_valid.astype(jnp.int32)
