@@ -349,11 +349,13 @@ class V4Attention(nnx.Module):
                   for v, m in parts]
         sink = jnp.broadcast_to(self.attn_sink[...].astype(F32)[None, :, None, None], (B, N, T, 1))
         probs = jax.nn.softmax(jnp.concatenate([*scores, sink], axis=-1), axis=-1)
+        # probabilities in the value dtype times values, as transformers does; each part's product stays in that
+        # dtype (XLA:CPU has no bf16 x bf16 -> f32 kernel for this layout), the parts add in float32
         out, offset = None, 0
         for v, _ in parts:
             p = probs[..., offset : offset + v.shape[1]].astype(v.dtype)
             offset += v.shape[1]
-            o = jnp.einsum("bnts,bsh->btnh", p, v, preferred_element_type=F32)
+            o = jnp.einsum("bnts,bsh->btnh", p, v).astype(F32)
             out = o if out is None else out + o
         return out.astype(q.dtype)
 
