@@ -85,6 +85,10 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key]["shape"])
 
+    def dtype_name(self, key: str) -> str:
+        """The tensor's safetensors dtype name ("BF16", "F8_E4M3", ...)."""
+        return self._entries[key]["dtype"]
+
     def get(self, key: str) -> np.ndarray:
         entry = self._entries[key]
         start, end = entry["data_offsets"]
@@ -92,10 +96,59 @@ class SafetensorsFile:
         arr = np.frombuffer(self._map, dtype=dtype, count=(end - start) // dtype.itemsize, offset=self._data_start + start)
         return arr.reshape(entry["shape"])
 
+    def release(self) -> None:
+        """Drop this file's pages from the process's resident memory (they stay in the OS page cache): a loader
+        that read a tensor through `get` calls it once the data is copied, so mapped pages do not pile up."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def close(self):
         if self._map is not None:
             self._map.close()
         self._file.close()
+
+
+class CheckpointIndex:
+    """Every tensor of a safetensors checkpoint directory by key, headers read and files memory-mapped, no tensor
+    data read: `get(key)` is a lazy view, so a slice of it reads only the bytes the slice covers. For loaders
+    that read only part of each tensor (a process of a multi-host job reads its devices' shards)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        files = checkpoint_files(self.directory)
+        bins = [f for f in files if f.suffix == ".bin"]
+        if bins:
+            raise CheckpointError(f"{bins[0]} is a PyTorch .bin file; slices can only be read from safetensors")
+        self.files = [SafetensorsFile(f) for f in files]
+        self._where: dict[str, SafetensorsFile] = {}
+        for st in self.files:
+            for key in st.keys():
+                if key in self._where:
+                    raise CheckpointError(f"tensor {key!r} appears twice: in {self._where[key].path} and {st.path}")
+                self._where[key] = st
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def file_of(self, key: str) -> Path:
+        return self._where[key].path
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def dtype_name(self, key: str) -> str:
+        return self._where[key].dtype_name(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self._where[key].get(key)
+
+    def release(self) -> None:
+        for st in self.files:
+            st.release()
+
+    def close(self) -> None:
+        for st in self.files:
+            st.close()
 
 
 def iter_checkpoint(directory: str | os.PathLike) -> Iterator[tuple[str, np.ndarray, Path]]:

@@ -17,3 +17,8 @@ class CheckpointError(DSparkError, FormatError):
 
 class InputError(DSparkError, ValueError):
     """A request (prompt, sampling setting, length) cannot be served as given."""
+
+
+class HubError(CheckpointError):
+    """A Hugging Face repo id could not be resolved to a checkpoint directory (not cached while offline, no such
+    repo or revision, no network)."""

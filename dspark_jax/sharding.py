@@ -96,4 +96,24 @@ def shard_params(state: nnx.State, mesh: Mesh) -> nnx.State:
 
 
 def shard_array(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh) -> jax.Array:
-    return jax.device_put(x, NamedSharding(mesh, partition_spec(x.shape, axes, mesh)))
+    """`x` placed on `mesh` by its logical `axes`. Over several processes every process passes the same value
+    and keeps the shards of its own devices (a device array is brought to the host first: JAX puts only host
+    data onto other processes' devices)."""
+    sharding = NamedSharding(mesh, partition_spec(x.shape, axes, mesh))
+    if sharding.is_fully_addressable or not isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # typed keys: their data (trailing dims) travels
+        data = jax.random.key_data(x)
+        placed = shard_array(data, tuple(axes) + (None,) * (data.ndim - x.ndim), mesh)
+        return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+
+
+def to_host(x) -> np.ndarray:
+    """`np.asarray(x)`, also for an array spread over several processes' devices (multi-host meshes): there every
+    process gathers the whole value, a collective that all processes reach in the same order."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -35,7 +35,7 @@ from dspark_jax.config import SamplingParams
 from dspark_jax.engine import decode, inputs, sampling, spec
 from dspark_jax.errors import ConfigError, InputError
 from dspark_jax.handles import Draft, Target
-from dspark_jax.sharding import shard_array
+from dspark_jax.sharding import shard_array, to_host  # to_host: np.asarray that also gathers multi-process arrays
 
 MIN_PROMPT_BUCKET = 16
 PREFILL_CHUNK = 512  # prompt positions per prefill step (attention memory is O(chunk x capacity))
@@ -256,7 +256,7 @@ def _prepare(target: Target, draft: Draft | None, prompts, draft_length, row_ids
         check_pair(target, draft)
         K = _draft_length(draft, draft_length)
     req, token_lists, shapes = build_requests(target, prompts, row_ids=row_ids, extra_capacity=K, **settings)
-    if draft is not None and not draft.module.has_confidence and bool(np.any(np.asarray(req.sampling.confidence_threshold) > 0)):
+    if draft is not None and not draft.module.has_confidence and bool(np.any(to_host(req.sampling.confidence_threshold) > 0)):
         raise ConfigError(
             "confidence_threshold > 0 needs a draft with a confidence head; this one has none (e.g. DFlash or prompt "
             "lookup), so every round would propose nothing. Pass confidence_threshold=0"
@@ -306,12 +306,12 @@ def generate(
         prefill_chunk=prefill_chunk,
     )
     n = len(token_lists)
-    max_new = np.asarray(req.max_new)[:n]
+    max_new = to_host(req.max_new)[:n]
     t0 = time.perf_counter()
     if draft is None:
         with _placement(target):
             out, count = decode.generate_loop(target.graphdef, target.params, req, unroll_layers=bool(unroll_layers), **shapes)
-        out, count = np.asarray(out), np.asarray(count)
+        out, count = to_host(out), to_host(count)
         wall = time.perf_counter() - t0
         tokens, reasons = _finish(out, count, token_lists, max_new, stops)
         steps = [[1] * max(0, int(c) - 1) for c in count[:n]]
@@ -321,15 +321,15 @@ def generate(
     with _placement(target):
         state = spec.generate_loop(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K,
                                    unroll_layers=bool(unroll_layers), **shapes)
-    out, count = np.asarray(state.out), np.asarray(state.count)
+    out, count = to_host(state.out), to_host(state.count)
     wall = time.perf_counter() - t0
     tokens, reasons = _finish(out, count, token_lists, max_new, stops)
     return GenerationResult(tokens=tokens, stats=_spec_stats(state, n, tokens, reasons, K, wall))
 
 
 def _spec_stats(state: spec.SpecState, n, tokens, reasons, K, wall) -> GenerationStats:
-    rounds = np.asarray(state.rounds)[:n]
-    acc, prop, a = (np.asarray(x) for x in (state.acceptance_lengths, state.proposal_lengths, state.accepted_lengths))
+    rounds = to_host(state.rounds)[:n]
+    acc, prop, a = (to_host(x) for x in (state.acceptance_lengths, state.proposal_lengths, state.accepted_lengths))
     lists = [[row[: rounds[i]].tolist() for i, row in enumerate(arr[:n])] for arr in (acc, prop, a)]
     return GenerationStats.from_rounds(*lists, [len(t) for t in tokens], reasons, K, wall)
 

@@ -8,6 +8,8 @@ names; the conversion engine is `converters` (formats only). Parameters are buil
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from converters import loading as conversion
 from converters.errors import FormatError
 from converters.export import export_tensors
 from dspark_jax.config import read_json
-from dspark_jax.errors import CheckpointError, ConfigError
+from dspark_jax.errors import CheckpointError, ConfigError, HubError
 from dspark_jax.handles import Target
 from dspark_jax.layers.params import Init
 from dspark_jax.models import registry
@@ -77,7 +79,18 @@ def _placer(state: nnx.State, mesh: Mesh | None):
 
 
 def fill(state: nnx.State, directory: Path, rules, *, dtype, mesh, layer_map, ignore=None, rename=None) -> nnx.State:
-    """Parameters of `state` (abstract) from the safetensors / .bin files of `directory`."""
+    """Parameters of `state` (abstract) from the safetensors / .bin files of `directory`.
+
+    On a mesh, a safetensors checkpoint is read shard by shard (`fill_sharded`): each process reads only the
+    slices its own devices hold. FP8 and `.bin` checkpoints stream whole tensors (each process reads them all)."""
+    if mesh is not None:
+        index = _sliceable_index(directory)
+        if index is not None:
+            try:
+                return fill_sharded(state, index, rules, dtype=dtype, mesh=mesh, layer_map=layer_map, ignore=ignore,
+                                    rename=rename)
+            finally:
+                index.close()
     flat = dict(nnx.to_flat_state(state))
     shapes = {path: tuple(var.get_value().shape) for path, var in flat.items()}
     # parameters a module keeps in another dtype than the model's (a float32 router) keep it
@@ -105,6 +118,110 @@ def fill(state: nnx.State, directory: Path, rules, *, dtype, mesh, layer_map, ig
     return nnx.from_flat_state([(p, flat[p].replace(filled[p])) for p in flat])
 
 
+SLICEABLE_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _sliceable_index(directory: Path):
+    """A `CheckpointIndex` of `directory` when its tensors can be read in slices: safetensors whose tensors are all
+    plain floats. Quantised storage (block-scaled FP8, packed FP4, their scale tensors) is dequantised by the
+    streaming path, which reads whole tensors."""
+    try:
+        index = safetensors_io.CheckpointIndex(directory)
+    except FormatError:  # .bin weights, or a problem the streaming path reports in its own words
+        return None
+    if any(index.dtype_name(key) not in SLICEABLE_DTYPES for key in index.keys()):
+        index.close()
+        return None
+    return index
+
+
+def _sources(abstract_shapes: dict, index, rules, *, layer_map, ignore, rename) -> dict:
+    """Which checkpoint tensor provides each parameter (each stacked slice of it), from the headers alone:
+    `{path: {stack index: (key, kind)}}`. Checks what `converters.loading.convert` checks, without reading data."""
+    compiled = [(conversion._template_regex(template), targets) for template, targets in rules]
+    sources: dict[tuple, dict[tuple, tuple[str, str]]] = {}
+    for raw_key in index.keys():
+        if ignore(raw_key):
+            continue
+        file = index.file_of(raw_key)
+        key = rename(raw_key)
+        matches = [(m, t) for rx, t in compiled if (m := rx.fullmatch(key))]
+        if not matches:
+            raise CheckpointError(f"unexpected tensor {raw_key!r} in {file}: this model has no parameter for it")
+        match, targets = matches[0]
+        for template, kind in targets:
+            resolved = conversion.resolve(template, match.groupdict(), layer_map)
+            if resolved is None or resolved[0] not in abstract_shapes:
+                where = "its layer" if resolved is None else f"parameter {conversion.format_path(resolved[0])}"
+                raise CheckpointError(f"unexpected tensor {raw_key!r} in {file}: {where} does not exist in this model")
+            path, stack = resolved
+            full = tuple(abstract_shapes[path])
+            lead = full[: len(stack)]
+            expected = tuple(conversion.KINDS[kind][0](full[len(stack):]))
+            if index.shape(raw_key) != expected:
+                raise CheckpointError(
+                    f"tensor {raw_key!r} in {file} has shape {index.shape(raw_key)}, expected {expected} for parameter "
+                    f"{conversion.format_path(path)}; the checkpoint does not match its config.json")
+            if not all(0 <= i < n for i, n in zip(stack, lead)):
+                raise CheckpointError(f"tensor {raw_key!r} in {file}: index {stack} out of range {lead}")
+            slot = sources.setdefault(path, {})
+            if stack in slot:
+                raise CheckpointError(f"tensor {raw_key!r} in {file} sets parameter {conversion.format_path(path)}"
+                                      f"{list(stack) if stack else ''} again (already set by {slot[stack][0]!r})")
+            slot[stack] = (raw_key, kind)
+    for path, shape in abstract_shapes.items():
+        slot = sources.get(path)
+        # stacked axes: as many as the tensors found for it name (a layer, or a layer and an expert); with none
+        # found, as many as the first rule for this path has (for the error message)
+        lead_dims = len(next(iter(slot))) if slot else conversion._lead_dims(rules, path, layer_map)
+        if slot and any(len(stack) != lead_dims for stack in slot):
+            raise CheckpointError(f"parameter {conversion.format_path(path)} is set both whole and by slices; the "
+                                  "checkpoint does not match its config.json")
+        lead = tuple(shape[:lead_dims])
+        wanted = set(np.ndindex(*lead)) if lead_dims else {()}
+        missing = sorted(wanted - set(slot or {}))
+        if missing:
+            keys = [conversion.checkpoint_key(rules, path, m, layer_map) for m in missing[:8]]
+            raise CheckpointError(f"checkpoint is missing tensor(s) {keys} (parameter {conversion.format_path(path)})")
+    return sources
+
+
+def fill_sharded(state: nnx.State, index, rules, *, dtype, mesh, layer_map, ignore=None, rename=None) -> nnx.State:
+    """Parameters of `state` on `mesh`, each process reading only what its devices hold.
+
+    Every parameter becomes one global array (`jax.make_array_from_callback`): for each of this process's devices
+    the callback reads the device's block straight from the memory-mapped tensors (a stacked parameter from the
+    layers in the block; within a tensor, only the rows / columns of the block: the layout transforms are views,
+    so slicing them reads the bytes the block covers) and casts it. Mapped pages are released after each
+    parameter, so a process holds about its devices' share of the model, not the checkpoint."""
+    flat = dict(nnx.to_flat_state(state))
+    shapes = {path: tuple(var.get_value().shape) for path, var in flat.items()}
+    sources = _sources(shapes, index, rules, layer_map=layer_map, ignore=ignore or (lambda key: False),
+                       rename=rename or (lambda key: key))
+    filled = {}
+    for path, var in flat.items():
+        shape = shapes[path]
+        out_dtype = np.dtype(var.get_value().dtype)  # the model's dtype, or a module's own (a float32 router)
+        sharding = NamedSharding(mesh, partition_spec(shape, var.get_metadata().get("axes"), mesh))
+        slot = sources[path]
+        n_lead = len(next(iter(slot)))
+
+        def block(idx, shape=shape, slot=slot, n_lead=n_lead, out_dtype=out_dtype):
+            ranges = [range(*sl.indices(n)) for sl, n in zip(idx, shape)]
+            out = np.empty(tuple(len(r) for r in ranges), out_dtype)
+            inner = tuple(idx[n_lead:])
+            for pos in np.ndindex(*(len(r) for r in ranges[:n_lead])):
+                stack = tuple(ranges[d][p] for d, p in enumerate(pos))
+                key, kind = slot[stack]
+                view = conversion.KINDS[kind][1](index.get(key), shape[n_lead:])
+                out[pos] = view[inner]
+            return out
+
+        filled[path] = jax.make_array_from_callback(shape, sharding, block)
+        index.release()
+    return nnx.from_flat_state([(p, flat[p].replace(filled[p])) for p in flat])
+
+
 def checkpoint_tensors(loaded, rules, dtype=None, layer_map=None) -> dict[str, np.ndarray]:
     """The checkpoint tensors of a loaded model under `rules` (the loader's tables read backwards)."""
     layer_map = layer_map if layer_map is not None else loaded.module.layer_map()
@@ -115,9 +232,67 @@ def checkpoint_tensors(loaded, rules, dtype=None, layer_map=None) -> dict[str, n
         raise CheckpointError(str(e)) from None
 
 
+# What a checkpoint needs from a hub repo: never code (`*.py`), never pickles (`*.bin`), no other formats' copies.
+HUB_PATTERNS = (
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?")
+
+
+def is_hub_id(text: str) -> bool:
+    """`owner/name` or `owner/name@revision` (a branch, tag or commit): the form of a Hugging Face repo id."""
+    return bool(_HUB_ID.fullmatch(str(text))) and ".." not in str(text)
+
+
+def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
+    """A checkpoint directory for `path`: the local directory when one exists (nothing is downloaded), else a
+    Hugging Face repo id (`owner/name[@revision]`) fetched with `huggingface_hub.snapshot_download` into the hub
+    cache, only the files in `HUB_PATTERNS`. With `HF_HUB_OFFLINE=1` only the cache is used. `what` names the
+    argument in errors (e.g. "--target")."""
+    if Path(path).exists() or not is_hub_id(str(path)):
+        return Path(path)
+    repo_id, _, revision = str(path).partition("@")
+    try:
+        from huggingface_hub import errors as hf_errors
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise HubError(f"{what} {path!r} is not a local directory, and reading it from the Hugging Face hub needs "
+                       "huggingface_hub: pip install huggingface_hub") from e
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    cache = os.environ.get("HF_HUB_CACHE") or (os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None)
+    try:
+        folder = snapshot_download(repo_id, revision=revision or None, allow_patterns=list(HUB_PATTERNS),
+                                   local_files_only=offline, cache_dir=cache)
+    except hf_errors.LocalEntryNotFoundError as e:
+        if type(e).__name__ == "IncompleteSnapshotError":  # huggingface_hub >= 1: a cached snapshot lacks files
+            raise HubError(f"{what} {path!r}: the cached copy is incomplete ({e})") from None
+        where = f"the hub cache {cache}" if cache else "the hub cache"
+        if offline:
+            raise HubError(f"{what} {path!r} is not a local directory and not in {where}, and HF_HUB_OFFLINE is set: "
+                           f"download it once online (huggingface-cli download {repo_id}"
+                           f"{' --revision ' + revision if revision else ''}) or pass a checkpoint directory") from None
+        raise HubError(f"{what} {path!r} is not a local directory, not in {where}, and the hub cannot be reached "
+                       f"({e}); check the network or pass a checkpoint directory") from None
+    except hf_errors.RevisionNotFoundError:
+        raise HubError(f"{what} {path!r}: the hub repo {repo_id} has no revision {revision!r}; pass an existing "
+                       "branch, tag or commit after '@'") from None
+    except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError) as e:
+        raise HubError(f"{what} {path!r} is not a local directory and not a hub repo this machine may read "
+                       f"({type(e).__name__}); check the spelling, or log in (huggingface-cli login) for a gated "
+                       "or private repo") from None
+    except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
+        raise HubError(f"{what} {path!r}: cannot fetch it from the hub ({e})") from None
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise HubError(f"{what} {path!r}: the hub snapshot {folder} has no config.json; it is not a model checkpoint")
+    return folder
+
+
 def load_target(path: str | Path, dtype="bfloat16", mesh: Mesh | None = None) -> Target:
-    """Load an HF checkpoint directory (or one written by `convert_to_orbax`) as a `Target`."""
-    directory = Path(path)
+    """Load an HF checkpoint directory (or one written by `convert_to_orbax`), or a Hugging Face repo id
+    (`owner/name[@revision]`, `resolve_checkpoint`), as a `Target`."""
+    directory = resolve_checkpoint(path, "target")
     if not directory.is_dir():
         raise CheckpointError(f"target checkpoint directory {directory} does not exist")
     dt = check_dtype(dtype)

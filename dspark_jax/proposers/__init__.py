@@ -14,17 +14,17 @@ checkpoint's `config.json` (a DeepSeek-V3 `model_type` means the target's own MT
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def load_draft(path, dtype="bfloat16", mesh=None):
-    """Load a draft checkpoint directory: EAGLE-3 (`Qwen3Eagle3Model`, `LlamaForCausalLMEagle3`), DSpark / DFlash,
-    or the MTP module of a DeepSeek-V3 target checkpoint."""
+    """Load a draft checkpoint directory, or a Hugging Face repo id (`models.loading.resolve_checkpoint`): EAGLE-3
+    (`Qwen3Eagle3Model`, `LlamaForCausalLMEagle3`), DSpark / DFlash, or the MTP module of a DeepSeek-V3 target
+    checkpoint."""
     from dspark_jax.config import read_json
     from dspark_jax.errors import CheckpointError
+    from dspark_jax.models.loading import resolve_checkpoint
     from dspark_jax.proposers import dspark_checkpoint, eagle3_checkpoint
 
-    directory = Path(path)
+    directory = resolve_checkpoint(path, "draft")  # a directory, or a hub repo id `owner/name[@revision]`
     if not directory.is_dir():
         raise CheckpointError(f"draft checkpoint directory {directory} does not exist")
     from dspark_jax.proposers import mtp_checkpoint

@@ -25,6 +25,12 @@ then part of the fingerprint.
 
 The engine buckets prompt lengths and token budgets to powers of two, so a job compiles a few programs rather
 than one per batch.
+
+Several processes (hosts) can run one job (`tools/distributed.py`, `tools/commands/batch.py`): they all plan the
+same batches and call `generate` in lockstep on one global mesh, each computing its devices' shards (rows over
+the data axis, the model over the model axis). Only process 0 holds the `AnswerFile`; the others hold a
+`PeerAnswers` started from the ids process 0 read, so every process skips the same batches. `run` is the same
+code for both, and a multi-process job's output equals a one-process job's.
 """
 
 from __future__ import annotations
@@ -262,10 +268,12 @@ def prompt_text(prompt: Prompt, tokenizer, chat: bool) -> str:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def fingerprint(inputs: PromptFile, target_dir, draft_dir, dtype: str, settings: Settings, batch_size: int | None = None) -> dict:
+def fingerprint(inputs: PromptFile, target_dir, draft_dir, dtype: str, settings: Settings, batch_size: int | None = None,
+                mesh: tuple[int, int] | None = None) -> dict:
     """What decides the answers of a job. Two runs may share an output file only if these are equal.
 
-    The batch size counts outside float32 only: there a row's logits depend on the batch shape (module docstring)."""
+    The batch size and the mesh (`(data, model)`, None: one device) count outside float32 only: there a row's
+    logits depend on the program's shapes and partitioning (module docstring)."""
     job = {
         "format": FORMAT,
         "input_sha256": inputs.sha256,
@@ -276,6 +284,8 @@ def fingerprint(inputs: PromptFile, target_dir, draft_dir, dtype: str, settings:
     }
     if batch_size is not None and str(dtype) != "float32":
         job["batch_size"] = int(batch_size)
+    if mesh is not None and str(dtype) != "float32":
+        job["mesh"] = {"data": int(mesh[0]), "model": int(mesh[1])}
     return job
 
 
@@ -398,6 +408,28 @@ class AnswerFile:
         self.close()
 
 
+class PeerAnswers:
+    """What a process other than the writer (process 0 of a multi-process job) knows of the output: the ids
+    answered when the job started, as process 0 read them, plus those answered since. It computes the same
+    batches in lockstep with the writer and writes nothing."""
+
+    def __init__(self, answered: set[str]):
+        self.answered = set(answered)
+        self.truncated_bytes = 0
+
+    def append(self, record: dict) -> None:
+        self.answered.add(id_key(record["id"]))
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 # --------------------------------------------------------------------------------------------- the job
 
 
@@ -471,7 +503,7 @@ def _generate_batch(target, draft, batch: list[_Row | None], settings: Settings)
     )
 
 
-def pending_prompts(prompts: list[Prompt], answers: AnswerFile) -> list[Prompt]:
+def pending_prompts(prompts: list[Prompt], answers: AnswerFile | PeerAnswers) -> list[Prompt]:
     return [p for p in prompts if id_key(p.id) not in answers.answered]
 
 
@@ -479,7 +511,7 @@ def run(
     target,
     draft,
     prompts: list[Prompt],
-    answers: AnswerFile,
+    answers: AnswerFile | PeerAnswers,
     settings: Settings,
     *,
     batch_size: int = 16,

@@ -6,11 +6,13 @@ import argparse
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, draft: bool = True) -> None:
-    parser.add_argument("--target", default=None, help="target checkpoint directory (default: the built-in trained target)")
+    parser.add_argument("--target", default=None,
+                        help="target checkpoint directory or Hugging Face repo id owner/name[@revision] (default: the "
+                             "built-in trained target)")
     if draft:
         parser.add_argument(
             "--draft", default=None,
-            help="draft checkpoint directory, 'prompt-lookup' (model-free n-gram drafts) or 'none' (plain AR); default: "
+            help="draft checkpoint directory or hub repo id owner/name[@revision], 'prompt-lookup' (model-free n-gram drafts) or 'none' (plain AR); default: "
                  "the built-in DSpark draft with the built-in target, plain AR with --target",
         )
         parser.add_argument("--draft-length", type=int, default=None, help="draft tokens per round K (default: block size)")
@@ -45,7 +47,6 @@ def draft_choice(args):
 
     Without `--draft`, the built-in target gets the built-in DSpark draft; a user's `--target` gets plain AR
     (the built-in draft was trained for the built-in target only)."""
-    from pathlib import Path
 
     from dspark_jax import assets
 
@@ -56,17 +57,25 @@ def draft_choice(args):
         return None
     if str(value).lower() == PROMPT_LOOKUP:
         return PROMPT_LOOKUP
-    return Path(value)
+    return resolve_checkpoint(value, "--draft")
 
 
-def make_draft(choice, dtype: str):
+def resolve_checkpoint(value, flag: str):
+    """A `--target` / `--draft` value as a directory: a local one as given, a hub repo id fetched or found in
+    the hub cache (`models.loading.resolve_checkpoint`)."""
+    from dspark_jax.models.loading import resolve_checkpoint as resolve
+
+    return resolve(value, flag)
+
+
+def make_draft(choice, dtype: str, mesh=None):
     import dspark_jax as dj
 
     if choice is None:
         return None
     if choice == PROMPT_LOOKUP:
         return dj.prompt_lookup()
-    return dj.load_draft(choice, dtype=dtype)
+    return dj.load_draft(choice, dtype=dtype, mesh=mesh)
 
 
 def load_models(args):
