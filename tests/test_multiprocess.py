@@ -304,3 +304,31 @@ def test_processes_running_different_jobs_are_stopped(work):
     assert "runs a different job than process 0 (max_new_tokens: 12 on process 0, 13 here)" in outputs[1]
     assert procs[0].returncode == 3, outputs[0]
     assert "error: process 1 of 2 failed: InputError: this process runs a different job" in outputs[0]
+
+
+@pytest.mark.slow
+def test_speculative_job_over_two_processes_equals_one_process(work):
+    """The built-in DSpark draft too (its parameters and the speculative state on the global mesh): 8 prompts, one
+    batch, two processes x two devices against one process on one device."""
+    inp = work / "spec_prompts.jsonl"
+    inp.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:8]))
+    spec = ["--draft-length", "4", "--max-new-tokens", "10", "--temperature", "0.7", "--seed", "3", "--dtype",
+            "float32", "--batch-size", "8", "--no-progress"]
+
+    def cmd(out, *extra):
+        return [sys.executable, "-m", "dspark_jax.tools.cli", "batch", "--input", str(inp), "--output", str(out),
+                *spec, *extra]
+
+    one = work / "spec_one.jsonl"
+    proc = subprocess.run(cmd(one), env=environment(work, 1), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    port = free_port()
+    two = work / "spec_two.jsonl"
+    procs = [subprocess.Popen(cmd(two, "--mesh", "data=2,model=2", "--coordinator-address", f"127.0.0.1:{port}",
+                                  "--num-processes", "2", "--process-id", str(pid), "--peer-timeout", "60"),
+                              env=environment(work, 2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "tau: n/a" not in outputs[0]
+    assert len(lines_of(two)) == 8 and two.read_bytes() == one.read_bytes()
