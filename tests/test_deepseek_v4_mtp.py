@@ -153,3 +153,35 @@ def test_greedy_speculative_with_mtp_equals_plain_greedy(case):
     plain = dj.generate(target, None, prompts, max_new_tokens=12, stop_token_ids=[]).tokens
     result = dj.generate(target, draft, prompts, max_new_tokens=12, stop_token_ids=[], draft_length=3)
     assert result.tokens == plain
+
+
+SPEC_CFG = dict(
+    model_type="deepseek_v4", vocab_size=128, hidden_size=64, num_layers=3, num_heads=4, head_dim=32, q_lora_rank=32,
+    o_groups=2, o_lora_rank=16, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+    layer_types=("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"),
+    mlp_layer_types=("hash_moe", "moe", "moe"), hca_ratio=8, rope_head_dim=8, sliding_window=16, index_n_heads=4,
+    index_head_dim=16, index_topk=4, num_mtp_layers=1, max_position_embeddings=4096,
+)
+
+
+@pytest.mark.slow
+def test_greedy_speculative_with_oracle_and_mixed_mtp_equals_plain_greedy():
+    """A bigram V4 target and MTP modules that know its successor map always (tau = K + 1) or 60% of the time."""
+    import inspect
+
+    from dspark_jax.models.deepseek_v4 import DeepseekV4Config
+    from dspark_jax.testing import mtp_v4, synthetic
+
+    cfg = DeepseekV4Config(**SPEC_CFG)
+    successor = synthetic.random_permutation_successor(cfg.vocab_size, 5)
+    target = mtp_v4.bigram_target(cfg, successor, seed=1)
+    prompts = [[3, 9, 27], list(range(40, 53))]
+    plain = dj.generate(target, None, prompts, max_new_tokens=20, stop_token_ids=[]).tokens
+    fixed = {"schedule": "fixed"} if "schedule" in inspect.signature(dj.generate).parameters else {}
+    K = 3
+    for name, accuracy in (("oracle", 1.0), ("mixed", 0.6)):
+        draft = mtp_v4.oracle_mtp(target, successor, accuracy=accuracy, seed=3, max_draft_length=K)
+        result = dj.generate(target, draft, prompts, max_new_tokens=20, stop_token_ids=[], draft_length=K, **fixed)
+        assert result.tokens == plain, name
+        tau = result.stats.mean_acceptance_length
+        assert tau > K - 0.5 if name == "oracle" else 1.2 < tau < K + 1, (name, tau)
