@@ -8,7 +8,8 @@ randomised and written into a hub-layout checkpoint next to a random target.
 * Numerics: after a ragged prefill and verify rounds with rejected suffixes, the drafted distributions of
   chained MTP-3 equal the reference block run without a cache over the committed rows (step j feeding the
   previous step's output streams and drafted token).
-* Losslessness (slow): greedy speculative decoding with the MTP draft equals plain greedy decoding.
+* Losslessness (slow): greedy speculative decoding with the loaded, oracle and mixed MTP drafts equals plain
+  greedy decoding; sampled speculative decoding with the MTP draft matches the exact target distribution.
 """
 
 from __future__ import annotations
@@ -185,3 +186,48 @@ def test_greedy_speculative_with_oracle_and_mixed_mtp_equals_plain_greedy():
         assert result.tokens == plain, name
         tau = result.stats.mean_acceptance_length
         assert tau > K - 0.5 if name == "oracle" else 1.2 < tau < K + 1, (name, tau)
+
+
+# --- sampled losslessness ------------------------------------------------------------------------------
+# The statistical check of test_spec_sampling.py on a DeepSeek-V4 target built with transformers, drafted by its
+# MTP module (soft, wrong-ish distributions, so acceptances, rejections and residual draws all occur): the
+# empirical distribution of the first three sampled tokens of N independent rows against the exact distribution
+# from transformers' forward over every continuation, processed with transformers' own logits warpers.
+
+
+@pytest.mark.slow
+def test_speculative_sampling_with_mtp_matches_the_target(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from scipy import stats as scistats
+    from spec_helpers import PROMPT, SETTINGS, STEPS, V, empirical, exact_distribution
+
+    hf = build(tmp_path / "hf", seed=6, vocab_size=V, sliding_window=2, index_topk=1,
+               compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 4}, **ONE_LAYER)
+    with torch.no_grad():  # sharper logits, so the distributions are far from uniform
+        hf.model.embed_tokens.weight.mul_(4.0)
+    hf.save_pretrained(tmp_path / "hf")
+    hub_copy(tmp_path / "hf", tmp_path / "hub", hf)
+    ref = MTPReference(hf, seed=60)
+    tensors = load_file(tmp_path / "hub" / "model.safetensors")
+    tensors.update(ref.hub_tensors())
+    save_file(tensors, tmp_path / "hub" / "model.safetensors", metadata={"format": "pt"})
+    target = dj.load_target(tmp_path / "hub", dtype="float32")
+    draft = dj.load_draft(tmp_path / "hub", dtype="float32")
+    n = 2**13
+    rng = np.random.default_rng(0)
+    for setting in SETTINGS:
+        exact = exact_distribution(hf, setting).reshape(-1).astype(np.float64)
+        exact /= exact.sum()
+        noise = np.mean([0.5 * np.abs(rng.multinomial(n, exact) / n - exact).sum() for _ in range(20)])
+        result = dj.generate(target, draft, [PROMPT] * n, max_new_tokens=STEPS, stop_token_ids=[], draft_length=2,
+                             seed=3, **setting)
+        assert 1.0 < result.stats.mean_acceptance_length < 3.0
+        emp = empirical(result.tokens)
+        tv = 0.5 * np.abs(emp - exact).sum()
+        assert tv - noise <= 0.01, f"{setting}: TV {tv:.4f} vs noise {noise:.4f}"
+        assert emp[exact == 0].sum() == 0, f"{setting}: sampled a token the processed target excludes"
+        common = exact * n >= 5  # chi-square needs expected counts >= 5: pool the rare outcomes
+        observed = np.append(emp[common], emp[~common].sum()) * n
+        expected = np.append(exact[common], exact[~common].sum()) * n
+        keep = expected > 0
+        assert scistats.chisquare(observed[keep], expected[keep]).pvalue > 1e-4, setting
