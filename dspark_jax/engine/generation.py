@@ -281,6 +281,7 @@ def generate(
     row_ids: Sequence[int] | None = None,
     unroll_layers: bool = False,
     prefill_chunk: int = PREFILL_CHUNK,
+    schedule: str = "auto",
 ) -> GenerationResult:
     """Generate for a batch of prompts; `draft=None` is plain autoregressive decoding.
 
@@ -297,6 +298,10 @@ def generate(
     a compile time that grows with depth (`layers.stack`). Outputs are identical.
     `prefill_chunk`: prompt positions per prefill step (rounded up to a power of two >= 16); a long prompt is
     prefilled chunk by chunk inside the compiled program, with attention memory O(chunk x capacity).
+    `schedule`: "auto" (default) verifies, per round and row, only the drafted prefix worth its cost on this
+    machine, possibly none, and runs a plain AR step when speculation cannot pay (docs/algorithm.md §4.5);
+    "fixed" verifies every row's whole proposal (the block, or its `confidence_threshold` prefix).
+    Statistics' `proposal_lengths` are the drafts verified per round (the scheduled lengths).
     Returns tokens per prompt (input order, cut after the first stop token inclusive) and statistics.
     What holds in float32 and in bfloat16 (exactness, greedy equality, batch independence): module docstring.
     """
@@ -305,6 +310,7 @@ def generate(
         top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
         prefill_chunk=prefill_chunk,
     )
+    plan = _schedule_params(target, draft, schedule, req, K)
     n = len(token_lists)
     max_new = to_host(req.max_new)[:n]
     t0 = time.perf_counter()
@@ -320,11 +326,24 @@ def generate(
         return GenerationResult(tokens=tokens, stats=stats)
     with _placement(target):
         state = spec.generate_loop(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K,
-                                   unroll_layers=bool(unroll_layers), **shapes)
+                                   unroll_layers=bool(unroll_layers), schedule=plan, **shapes)
     out, count = to_host(state.out), to_host(state.count)
     wall = time.perf_counter() - t0
     tokens, reasons = _finish(out, count, token_lists, max_new, stops)
     return GenerationResult(tokens=tokens, stats=_spec_stats(state, n, tokens, reasons, K, wall))
+
+
+def _schedule_params(target: Target, draft: Draft | None, schedule, req, K: int):
+    """The traced scheduler inputs for `schedule="auto"` (None: fixed rounds, or no draft)."""
+    from dspark_jax.engine import schedule as sched
+
+    if isinstance(schedule, sched.ScheduleParams):  # an explicit cost model (tests, experiments)
+        return None if draft is None else schedule
+    if schedule not in ("auto", "fixed"):
+        raise InputError(f"schedule={schedule!r} must be 'auto' or 'fixed'")
+    if draft is None or schedule == "fixed":
+        return None
+    return sched.params_for(target, draft, int(req.tokens.shape[0]), K)
 
 
 def _spec_stats(state: spec.SpecState, n, tokens, reasons, K, wall) -> GenerationStats:
@@ -349,6 +368,7 @@ def stream(
     draft_length: int | None = None,
     row_ids: Sequence[int] | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
+    schedule: str = "auto",
 ) -> Iterator[list[list[int]]]:
     """Yield, after prefill and after every round, the tokens each prompt gained (a list per prompt).
 
@@ -361,10 +381,11 @@ def stream(
         top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
         prefill_chunk=prefill_chunk,
     )
-    return _stream_rounds(target, draft, K, req, token_lists, shapes, stops)
+    plan = _schedule_params(target, draft, schedule, req, K)
+    return _stream_rounds(target, draft, K, req, token_lists, shapes, stops, plan)
 
 
-def _stream_rounds(target, draft, K, req, token_lists, shapes, stops) -> Iterator[list[list[int]]]:
+def _stream_rounds(target, draft, K, req, token_lists, shapes, stops, plan=None) -> Iterator[list[list[int]]]:
     n = len(token_lists)
     max_new = np.asarray(req.max_new)[:n]
     stops = set(int(x) for x in stops)
@@ -374,7 +395,7 @@ def _stream_rounds(target, draft, K, req, token_lists, shapes, stops) -> Iterato
     else:
         start = lambda: spec.start_jit(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
         step = lambda s: spec.spec_step(target.graphdef, target.params, draft.graphdef, draft.params, s, K=K,
-                                        capacity=shapes["capacity"])
+                                        capacity=shapes["capacity"], schedule=plan)
 
     def advance(s):
         with _placement(target):

@@ -57,9 +57,21 @@ def is_greedy(temperature: jax.Array) -> jax.Array:
     return temperature < GREEDY_TEMPERATURE
 
 
+def all_greedy(params: SamplingParams) -> jax.Array:
+    """Whether every row of the batch decodes greedily (a scalar; lets a round skip work no row needs)."""
+    return jnp.all(is_greedy(params.temperature))
+
+
 def probabilities(logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """fp32 distribution `[B, ..., V]` from logits `[B, ..., V]` under each row's sampling settings."""
+    """fp32 distribution `[B, ..., V]` from logits `[B, ..., V]` under each row's sampling settings.
+
+    When every row is greedy only the one-hot rows are built (no softmax, no filter); the result is the same."""
     logits = logits.astype(jnp.float32)
+    one_hot = lambda x: jax.nn.one_hot(jnp.argmax(x, axis=-1), x.shape[-1], dtype=jnp.float32)  # noqa: E731
+    return lax.cond(all_greedy(params), one_hot, lambda x: _probabilities(x, params), logits)
+
+
+def _probabilities(logits: jax.Array, params: SamplingParams) -> jax.Array:
     nd = logits.ndim
     temperature = _per_row(params.temperature, nd)
     greedy = is_greedy(temperature)
@@ -160,6 +172,12 @@ def lookup(probs: jax.Array, u: jax.Array) -> jax.Array:
     row = jnp.take_along_axis(x, block[:, None, None], axis=1)[:, 0]
     within = _descend(_tree(row), u[:, d1:])
     return jnp.minimum(block * C + within, V - 1).astype(jnp.int32)
+
+
+def draw(keys: jax.Array, probs: jax.Array, greedy: jax.Array) -> jax.Array:
+    """`sample`, or when `greedy` (a scalar: every row's `probs` is one-hot) the position of each row's 1,
+    which is what `sample` returns for a one-hot row, without drawing uniforms."""
+    return lax.cond(greedy, lambda k, p: jnp.argmax(p, axis=-1).astype(jnp.int32), sample, keys, probs)
 
 
 def sample(keys: jax.Array, probs: jax.Array) -> jax.Array:

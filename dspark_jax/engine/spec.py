@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dspark_jax.engine import decode, sampling
+from dspark_jax.engine import schedule as sched
+from dspark_jax.engine.schedule import ScheduleParams
 from dspark_jax.engine.decode import Requests
 from dspark_jax.engine.verify import is_stop, verify
 from dspark_jax.layers import stack
@@ -42,6 +44,9 @@ class SpecState:
     proposal_lengths: jax.Array  # i32[B, R] drafts sent to the target per round
     accepted_lengths: jax.Array  # i32[B, R] accepted drafts per round
     req: Requests
+    # f32[B, S] per-row, per-position conditional acceptance estimate from earlier rounds (negative: none yet);
+    # read by `schedule="auto"` (engine/schedule.py), width S >= K or the missing positions use the prior
+    acceptance_estimate: jax.Array | None = None
 
 
 def _round_limit(state_lengths, req: Requests):
@@ -60,7 +65,11 @@ def start(target, proposer, req: Requests, K: int, capacity: int, out_len: int, 
     return begin(target_cache, proposer_state, first, req, out_len)
 
 
-def begin(target_cache, proposer_state, first: jax.Array, req: Requests, out_len: int) -> SpecState:
+ESTIMATE_SLOTS = 16
+
+
+def begin(target_cache, proposer_state, first: jax.Array, req: Requests, out_len: int, *,
+          estimate_slots: int = ESTIMATE_SLOTS) -> SpecState:
     """The state after prefill: every row's first token sampled, no round run yet. Every per-row field of
     `SpecState` gets its initial value here (continuous batching resets a slot with it)."""
     B = first.shape[0]
@@ -82,45 +91,60 @@ def begin(target_cache, proposer_state, first: jax.Array, req: Requests, out_len
         proposal_lengths=zeros,
         accepted_lengths=zeros,
         req=req,
+        acceptance_estimate=jnp.full((B, estimate_slots), -1.0, jnp.float32),
     )
 
 
-def step(target, proposer, state: SpecState, K: int, capacity: int) -> SpecState:
-    """One speculative round for every row; finished rows are left unchanged."""
+def _verify_block(target, proposer, state: SpecState, drafts, probs, num_proposed, T: int):
+    """Verify each row's anchor and its first `T - 1` drafts (a static token budget; only the first
+    `num_proposed <= T - 1` drafts count). -> (target cache, proposer state, accepted, next token, terminated).
+
+    `T = 1` is a plain AR step: the target's next token from its own distribution (the same key as a round
+    with nothing proposed), and the proposer's context extended by the anchor."""
     req = state.req
     B = state.pending.shape[0]
-    with jax.named_scope("propose"):
-        proposal = proposer.propose(state.proposer_state, state.pending, state.lengths, req.sampling, req.keys, K)
-    drafts, num_proposed = proposal.tokens, proposal.num_proposed
-
-    with jax.named_scope("verify"):
-        verify_ids = jnp.concatenate([state.pending[:, None], drafts], axis=1)  # [B, K + 1]
-        hidden, target_cache, features = target(
-            verify_ids, state.lengths, state.target_cache, capture=proposer.feature_indices
-        )
-        p_target = sampling.probabilities(target.logits(hidden), req.sampling)  # [B, K + 1, V]
-    accepted, next_token, terminated = verify(
-        drafts, proposal.probs, p_target, num_proposed, req.stop_ids, req.keys, state.lengths
-    )
-    with jax.named_scope("commit"):
+    verify_ids = jnp.concatenate([state.pending[:, None], drafts[:, : T - 1]], axis=1)  # [B, T]
+    with jax.named_scope("target_forward"):
+        hidden, target_cache, features = target(verify_ids, state.lengths, state.target_cache, capture=proposer.feature_indices)
+    with jax.named_scope("target_probs"):
+        p_target = sampling.probabilities(target.logits(hidden), req.sampling)  # [B, T, V]
+    with jax.named_scope("accept"):
+        if T == 1:
+            accepted = jnp.zeros((B,), jnp.int32)
+            terminated = jnp.zeros((B,), bool)
+            keys = sampling.step_keys(req.keys, sampling.SALT_RESIDUAL, state.lengths + 1)
+            next_token = sampling.draw(keys, p_target[:, 0], sampling.all_greedy(req.sampling))
+        else:
+            accepted, next_token, terminated = verify(
+                drafts[:, : T - 1], None if probs is None else probs[:, : T - 1], p_target, jnp.minimum(num_proposed, T - 1),
+                req.stop_ids, req.keys, state.lengths, greedy=sampling.all_greedy(req.sampling),
+            )
+    with jax.named_scope("extend"):
         proposer_state = proposer.extend(state.proposer_state, verify_ids, features, state.lengths)
-        active = ~state.done
-        emitted = jnp.where(terminated, accepted, accepted + 1)
-        new_tokens = jnp.where(jnp.arange(K + 1)[None, :] < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])
-        out = decode.append_tokens(state.out, state.count, new_tokens, jnp.where(active, emitted, 0))
-        grow = jnp.where(active, accepted + 1, 0)
-        lengths = state.lengths + grow
-        count = state.count + jnp.where(active, emitted, 0)
-        round_idx = jnp.where(active, state.rounds, state.out.shape[1])
-        rows = jnp.arange(B)
+    return target_cache, proposer_state, accepted, next_token, terminated
 
-        def record(arr, value):
-            return arr.at[rows, round_idx].set(value, mode="drop")
 
-        done = state.done | (
-            active
-            & (terminated | is_stop(next_token, req.stop_ids) | ~_round_limit(lengths, req) | (lengths + K + 1 > capacity))
-        )
+def _commit(state: SpecState, K: int, capacity: int, drafts, scheduled, verified, estimate=None) -> SpecState:
+    """Bookkeeping after verification (docs/caches.md: `lengths` alone decides what counts)."""
+    target_cache, proposer_state, accepted, next_token, terminated = verified
+    req = state.req
+    B = state.pending.shape[0]
+    active = ~state.done
+    emitted = jnp.where(terminated, accepted, accepted + 1)
+    new_tokens = jnp.where(jnp.arange(K + 1)[None, :] < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), next_token[:, None])
+    out = decode.append_tokens(state.out, state.count, new_tokens, jnp.where(active, emitted, 0))
+    lengths = state.lengths + jnp.where(active, accepted + 1, 0)
+    count = state.count + jnp.where(active, emitted, 0)
+    round_idx = jnp.where(active, state.rounds, state.out.shape[1])
+    rows = jnp.arange(B)
+
+    def record(arr, value):
+        return arr.at[rows, round_idx].set(value, mode="drop")
+
+    done = state.done | (
+        active
+        & (terminated | is_stop(next_token, req.stop_ids) | ~_round_limit(lengths, req) | (lengths + K + 1 > capacity))
+    )
     return dataclasses.replace(
         state,
         target_cache=target_cache,
@@ -132,9 +156,70 @@ def step(target, proposer, state: SpecState, K: int, capacity: int) -> SpecState
         done=done,
         rounds=state.rounds + active.astype(jnp.int32),
         acceptance_lengths=record(state.acceptance_lengths, emitted),
-        proposal_lengths=record(state.proposal_lengths, jnp.where(terminated, accepted, num_proposed)),
+        proposal_lengths=record(state.proposal_lengths, jnp.where(terminated, accepted, scheduled)),
         accepted_lengths=record(state.accepted_lengths, accepted),
+        acceptance_estimate=state.acceptance_estimate if estimate is None else estimate,
     )
+
+
+def step(target, proposer, state: SpecState, K: int, capacity: int, *, schedule: ScheduleParams | None = None) -> SpecState:
+    """One speculative round for every row; finished rows (`state.done`) are left unchanged.
+
+    `schedule=None` ("fixed"): every row sends its whole proposal (the block, or its confidence-threshold
+    prefix) and the target verifies `K + 1` tokens. With `ScheduleParams` ("auto", docs/algorithm.md §4.5):
+    the round first decides from earlier rounds' information alone (the per-row acceptance estimate) whether
+    speculation can pay for this batch; if not it runs as a plain AR step with no draft forward (the
+    proposer's context is still extended). Otherwise the proposer drafts, the prefix scheduler (early
+    stopping) gives each live row its number of drafts to verify, possibly 0, and the target verifies at the
+    smallest static budget of `schedule.buckets(K)` that holds them."""
+    req = state.req
+    if schedule is None:
+        with jax.named_scope("propose"):
+            proposal = proposer.propose(state.proposer_state, state.pending, state.lengths, req.sampling, req.keys, K)
+        with jax.named_scope("verify"):
+            verified = _verify_block(target, proposer, state, proposal.tokens, proposal.probs, proposal.num_proposed, K + 1)
+        with jax.named_scope("commit"):
+            return _commit(state, K, capacity, proposal.tokens, proposal.num_proposed, verified)
+
+    live = ~state.done
+    est = sched.estimate(state.acceptance_estimate, schedule.prior, K)
+    with jax.named_scope("schedule"):
+        costs = sched.round_costs(schedule, live, K)
+        # earlier rounds only: non-anticipating, so the global best of the walk is safe here (§4.5)
+        lengths_est, theta_est = sched.prefix_schedule(jnp.cumprod(est, axis=1), live, costs, early_stop=False)
+        R = jnp.sum(live).astype(jnp.float32)
+        speculate = (theta_est > R / schedule.verify_cost[0]) & jnp.any(lengths_est > 0)
+    B = state.pending.shape[0]
+
+    def ar_round(state):
+        drafts = jnp.zeros((B, K), jnp.int32)
+        verified = _verify_block(target, proposer, state, drafts, None, jnp.zeros((B,), jnp.int32), 1)
+        zero = jnp.zeros((B,), jnp.int32)
+        new_est = sched.update_estimate(state.acceptance_estimate, est, schedule.prior, zero, zero, live)
+        return _commit(state, K, capacity, drafts, zero, verified, new_est)
+
+    def spec_round(state):
+        with jax.named_scope("propose"):
+            proposal = proposer.propose(state.proposer_state, state.pending, state.lengths, req.sampling, req.keys, K)
+        with jax.named_scope("schedule"):
+            if proposal.confidence_logits is not None:
+                survival = sched.survival_from_logits(proposal.confidence_logits, schedule.temperatures)
+            else:
+                survival = jnp.cumprod(est, axis=1)
+            # early stopping: admitting draft k never depends on draft k itself (§4.5)
+            lengths, _ = sched.prefix_schedule(survival, live, costs, early_stop=True)
+            scheduled = jnp.where(live, jnp.minimum(lengths, proposal.num_proposed), 0).astype(jnp.int32)
+            which = sched.bucket_index(jnp.max(scheduled) + 1, K)
+        with jax.named_scope("verify"):
+            branches = [functools.partial(_verify_block, target, proposer, T=t) for t in sched.buckets(K)]
+            verified = jax.lax.switch(which, [lambda s, d, p, n, f=f: f(s, d, p, n) for f in branches],
+                                      state, proposal.tokens, proposal.probs, scheduled)
+        with jax.named_scope("commit"):
+            _, _, accepted, _, _ = verified
+            new_est = sched.update_estimate(state.acceptance_estimate, est, schedule.prior, scheduled, accepted, live)
+            return _commit(state, K, capacity, proposal.tokens, scheduled, verified, new_est)
+
+    return jax.lax.cond(speculate, spec_round, ar_round, state)
 
 
 def _merge(target_graph, target_params, proposer_graph, proposer_params):
@@ -146,14 +231,16 @@ STATIC = ("target_graph", "proposer_graph", "K", "capacity", "out_len", "chunk")
 
 @functools.partial(jax.jit, static_argnames=STATIC + ("unroll_layers",))
 def generate_loop(target_graph, target_params, proposer_graph, proposer_params, req: Requests, *, K, capacity, out_len,
-                  chunk, unroll_layers: bool = False):
+                  chunk, unroll_layers: bool = False, schedule: ScheduleParams | None = None):
     """Prefill and run speculative rounds for every row to completion inside one compiled `while_loop`.
 
-    `unroll_layers`: the rounds run the layers unrolled on weights sliced once (`layers.stack.unrolled`)."""
+    `unroll_layers`: the rounds run the layers unrolled on weights sliced once (`layers.stack.unrolled`).
+    `schedule`: None for fixed-length rounds, traced `ScheduleParams` for scheduled ones (`step`)."""
     target, proposer = _merge(target_graph, target_params, proposer_graph, proposer_params)
     state = start(target, proposer, req, K, capacity, out_len, chunk)
     with stack.unrolled(target, proposer) if unroll_layers else contextlib.nullcontext():
-        return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: step(target, proposer, s, K, capacity), state)
+        return jax.lax.while_loop(lambda s: ~jnp.all(s.done), lambda s: step(target, proposer, s, K, capacity, schedule=schedule),
+                                   state)
 
 
 @functools.partial(jax.jit, static_argnames=STATIC)
@@ -163,7 +250,8 @@ def start_jit(target_graph, target_params, proposer_graph, proposer_params, req:
 
 
 @functools.partial(jax.jit, static_argnames=("target_graph", "proposer_graph", "K", "capacity"), donate_argnames=("state",))
-def spec_step(target_graph, target_params, proposer_graph, proposer_params, state: SpecState, *, K, capacity):
+def spec_step(target_graph, target_params, proposer_graph, proposer_params, state: SpecState, *, K, capacity,
+              schedule: ScheduleParams | None = None):
     """The compiled speculative step: one round for every row of `state`."""
     target, proposer = _merge(target_graph, target_params, proposer_graph, proposer_params)
-    return step(target, proposer, state, K, capacity)
+    return step(target, proposer, state, K, capacity, schedule=schedule)

@@ -35,12 +35,16 @@ def verify(
     stop_ids: jax.Array,
     row_keys: jax.Array,
     lengths: jax.Array,
+    greedy: jax.Array | bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """-> (accepted `a [B]`, next token `[B]`, terminated by a stop token `[B]`).
 
     `drafts [B, K]` were sampled from `p_draft [B, K, V]` (None: one-hot at the drafts); `p_target [B, K + 1, V]` is the target's
     distribution after the anchor and each draft; only the first `num_proposed [B]` drafts count.
     Randomness: acceptance uniforms and the residual draw are keyed by the row and its position.
+    `greedy` (scalar): every row's distributions are one-hot, so acceptance needs no uniforms (`u p < q` with
+    `p = 1`, `q` in {0, 1} holds for every `u` in (0, 1) exactly when `q = 1`) and the next token is the
+    one-hot position; the result is the same, with less work.
     """
     B, K = drafts.shape
     idx = drafts[..., None]
@@ -48,7 +52,8 @@ def verify(
     p = 1.0 if p_draft is None else jnp.take_along_axis(p_draft, idx, axis=-1)[..., 0]
     # full-precision uniforms: P(u < r) = r exactly, however small the ratio (docs/algorithm.md §3.5); `u p < q`
     # is `u < min(1, q / p)` for the p > 0 of a drawn draft, with no floor on p (§5.2)
-    u = sampling.uniforms(sampling.step_keys(row_keys, sampling.SALT_ACCEPT, lengths), K)
+    u = jax.lax.cond(jnp.asarray(greedy), lambda k: jnp.full((B, K), 0.5, jnp.float32),
+                     lambda k: sampling.uniforms(sampling.step_keys(k, sampling.SALT_ACCEPT, lengths), K), row_keys)
     ok = (u * p < q) & (jnp.arange(K)[None, :] < num_proposed[:, None])
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
@@ -69,4 +74,4 @@ def verify(
     rejected = accepted < num_proposed
     next_probs = jnp.where(rejected[:, None], residual, target_row)
     keys = sampling.step_keys(row_keys, sampling.SALT_RESIDUAL, lengths + accepted + 1)
-    return accepted, sampling.sample(keys, next_probs), terminated
+    return accepted, sampling.draw(keys, next_probs, jnp.asarray(greedy)), terminated

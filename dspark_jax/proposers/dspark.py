@@ -179,10 +179,11 @@ class DSparkDraft(nnx.Module):
                 bias, rnn_state = markov.step(prev, h, rnn_state)
                 logits = logits + bias
             probs = sampling.probabilities(logits, params)
-            token = sampling.sample(sampling.step_keys(keys, sampling.SALT_DRAFT, lengths + k + 1), probs)
+            token = sampling.draw(sampling.step_keys(keys, sampling.SALT_DRAFT, lengths + k + 1), probs, greedy)
             conf = self.confidence(h, prev) if self.confidence_head is not None else jnp.zeros((B,), jnp.float32)
             return (token, rnn_state), (token, probs, logits, conf)
 
+        greedy = sampling.all_greedy(params)
         init_state = markov.initial_state(B) if markov is not None else jnp.zeros((B, 0), self.dtype)
         with jax.named_scope("markov_loop"):
             _, (drafts, probs, logits, conf) = jax.lax.scan(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from converters.loading import Rule
 from dspark_jax.config import read_json, require
+from dspark_jax.engine.schedule import CALIBRATION_FILE, load_calibration
 from dspark_jax.errors import CheckpointError, ConfigError
 from dspark_jax.handles import Draft
 from dspark_jax.layers.params import Init
@@ -85,6 +86,9 @@ def load_draft(path: str | Path, dtype="bfloat16", mesh=None) -> Draft:
         raise CheckpointError(f"draft checkpoint directory {directory} does not exist")
     dt = check_dtype(dtype)
     config = parse_draft_config(directory / "config.json")
+    calibration = load_calibration(directory)  # `calibration.json` beside the draft: checked now, used by schedule="auto"
+    if calibration is not None and calibration.temperatures is not None and not config.enable_confidence_head:
+        raise CheckpointError(f"{directory / CALIBRATION_FILE} has confidence temperatures but the draft has no confidence head")
     graphdef, state = abstract(lambda: DSparkDraft(config, Init(nnx.Rngs(0), dt)))
     params = fill(state, directory, rules(config), dtype=dt, mesh=mesh,
                   layer_map=nnx.merge(graphdef, state).layer_map(), rename=strip_prefix)
