@@ -139,6 +139,12 @@ def test_missing_mtp_weights_and_wrong_pairs_are_refused(case, tmp_path):
     (none / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="no MTP module"):
         dj.load_draft(none, dtype="float32")
+    dspark = shutil.copytree(case["dir"], tmp_path / "dspark")
+    cfg = json.loads((dspark / "config.json").read_text())
+    cfg.update(dspark_block_size=5, dspark_target_layer_ids=[0, 1], dspark_markov_rank=8)
+    (dspark / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="DSpark checkpoint .*dspark_block_size.*not supported yet"):
+        dj.load_draft(dspark, dtype="float32")
     import dataclasses
 
     other = case["target"]

@@ -256,7 +256,13 @@ def load_v4_mtp(path, dtype="bfloat16", mesh=None, max_draft_length: int = DEFAU
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     dt = check_dtype(dtype)
     where = directory / "config.json"
-    target = parse_v4(read_json(where), str(where))
+    raw = read_json(where)
+    dspark = sorted(k for k in raw if k.startswith("dspark_"))
+    if dspark:
+        raise ConfigError(f"{where}: this is a DeepSeek-V4 DSpark checkpoint ({', '.join(dspark)}); its draft (mtp.0..2 "
+                          "with main_proj, Markov and confidence heads) is not supported yet: use the target with its MTP "
+                          "module or a model-free proposer (dj.prompt_lookup())")
+    target = parse_v4(raw, str(where))
     if target.num_mtp_layers < 1:
         raise ConfigError(f"{where}: num_nextn_predict_layers is 0: this DeepSeek-V4 checkpoint has no MTP module")
     if target.tie_word_embeddings:
