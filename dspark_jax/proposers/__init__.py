@@ -6,6 +6,8 @@
   loaded by `eagle3_checkpoint` (docs/eagle3.md);
 * `mtp`: the multi-token-prediction module of a DeepSeek-V3 target checkpoint (MTP-1 or chained MTP-k),
   loaded by `mtp_checkpoint` from the target directory itself (docs/deepseek.md §4);
+* `mtp_v4` / `dspark_v4`: the MTP module and the DSpark draft (`mtp.0..2`, dispatched on `dspark_*` config fields)
+  of a DeepSeek-V4 target checkpoint (docs/deepseek.md §10, §12);
 * `prompt_lookup`: model-free n-gram drafting from the row's own context.
 
 `load_draft` is the one entry point for trained drafts: it picks the loader from `architectures` in the

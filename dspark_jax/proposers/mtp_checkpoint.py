@@ -92,7 +92,12 @@ def load_mtp(path, dtype="bfloat16", mesh=None, max_draft_length: int = DEFAULT_
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    if read_json(directory / "config.json").get("model_type") == "deepseek_v4":  # its `mtp.0` module (proposers.mtp_v4)
+    raw = read_json(directory / "config.json")
+    if raw.get("model_type") == "deepseek_v4" and any(k.startswith("dspark_") for k in raw):  # its DSpark draft
+        from dspark_jax.proposers.dspark_v4 import load_v4_dspark
+
+        return load_v4_dspark(directory, dtype=dtype, mesh=mesh)
+    if raw.get("model_type") == "deepseek_v4":  # its `mtp.0` module (proposers.mtp_v4)
         from dspark_jax.proposers.mtp_v4 import load_v4_mtp
 
         return load_v4_mtp(directory, dtype=dtype, mesh=mesh, max_draft_length=max_draft_length)
