@@ -48,6 +48,9 @@ def add_arguments(parser):
     parser.add_argument("--acceptance-batch", type=int, default=16, help="prompts per generate call in the acceptance runs")
     parser.add_argument("--draft-length", type=int, default=None, help="draft tokens per round K (default: block size)")
     parser.add_argument("--repetitions", type=int, default=3, help="timed repetitions per speed arm (median quoted)")
+    parser.add_argument("--schedule", choices=("auto", "fixed", "both"), default="auto",
+                        help="speculative speed arms: scheduled verification (auto), whole blocks (fixed), or both arms "
+                             "per draft ('DSpark auto', 'DSpark fixed'); acceptance runs always use whole blocks")
     parser.add_argument("--inflate-mb", type=float, default=0.0,
                         help="also time a cost-inflated target with this many MB of extra zero-output layers (0 = off)")
     parser.add_argument("--dtype", default="auto", help="parameter dtype (auto: float32 on CPU, bfloat16 elsewhere)")
@@ -117,7 +120,7 @@ def _acceptance(target, drafts, sets, temperatures, args, K) -> tuple[dict, dict
                 for start in range(0, len(prompts), args.acceptance_batch):
                     chunk = prompts[start : start + args.acceptance_batch]
                     s = dj.generate(target, draft, chunk, max_new_tokens=args.max_new_tokens, temperature=temp, seed=args.seed,
-                                    draft_length=K, row_ids=range(start, start + len(chunk))).stats
+                                    draft_length=K, row_ids=range(start, start + len(chunk)), schedule="fixed").stats
                     for acc, part in zip(lists, (s.acceptance_lengths, s.proposal_lengths, s.accepted_draft_lengths,
                                                  s.num_generated, s.finish_reasons), strict=True):
                         acc += part
@@ -141,11 +144,12 @@ def _speed(target, drafts, pool, batch_sizes, args, K) -> list[dict]:
     for B in batch_sizes:
         prompts = [pool[i % len(pool)] for i in range(B)]
 
-        def arm(draft, prompts=prompts):
+        def arm(draft, schedule="auto", prompts=prompts):
             return lambda: dj.generate(target, draft, prompts, max_new_tokens=args.max_new_tokens, temperature=0.0, seed=args.seed,
-                                       draft_length=None if draft is None else K)
+                                       draft_length=None if draft is None else K, schedule=schedule)
 
-        arms = {"AR": arm(None)} | {name: arm(d) for name, d in drafts.items()}
+        arms = {"AR": arm(None)} | {arm_name: arm(drafts[name], schedule)
+                                    for name, schedule, arm_name in _speed_arms(drafts, args)}
         log(f"  batch {B}: {', '.join(arms)} x {args.repetitions}")
         t = bench.interleave(arms, args.repetitions, log=log)
         ar_tokens = t["AR"].result.tokens
@@ -159,10 +163,16 @@ def _speed(target, drafts, pool, batch_sizes, args, K) -> list[dict]:
                 "identical_to_ar": sum(a == b for a, b in zip(res.tokens, ar_tokens, strict=True)),
                 "timing": timing.summary(),
             }
-        for name in drafts:
+        for _, _, name in _speed_arms(drafts, args):
             row["arms"][name]["speedup"] = row["arms"][name]["tokens_per_s"] / row["arms"]["AR"]["tokens_per_s"]
         rows.append(row)
     return rows
+
+
+def _speed_arms(drafts, args) -> list[tuple[str, str, str]]:
+    """(draft name, schedule, arm name) of the speculative speed arms."""
+    schedules = ("auto", "fixed") if getattr(args, "schedule", "auto") == "both" else (getattr(args, "schedule", "auto"),)
+    return [(name, s, name if len(schedules) == 1 else f"{name} {s}") for name in drafts for s in schedules]
 
 
 def _speed_table(title, rows, draft_names, note=""):
@@ -238,6 +248,7 @@ def run(args) -> int:
         raise ConfigError(f"{target_dir} has no chat template; pass --no-chat to feed the prompts as raw text")
     sets = _load_sets(files, tok, args.num_prompts, chat=not args.no_chat)
     draft_names = list(drafts)
+    arm_names = [arm for _, _, arm in _speed_arms(drafts, args)]  # speed arms (per --schedule)
 
     log(f"acceptance: {len(sets)} prompt sets x {len(args.temperatures)} temperatures x {len(drafts)} drafts")
     acceptance, pooled = _acceptance(target, drafts, sets, args.temperatures, args, K)
@@ -270,14 +281,14 @@ def run(args) -> int:
         note="P(drafts 1..i all accepted | at least i proposed), over the rounds of all prompt sets.",
     )
     speed_table = _speed_table(
-        f"Speed vs batch size (temperature 0, {target.param_bytes / 1e6:.0f} MB target as is)", speed, draft_names,
+        f"Speed vs batch size (temperature 0, {target.param_bytes / 1e6:.0f} MB target as is)", speed, arm_names,
         note=f"tokens/s of whole `generate` calls (prefill included), median of {args.repetitions} interleaved repetitions; "
              "speedup = speculative / AR tokens/s; '= AR' counts outputs identical to AR.",
     )
     compile_table = bench.Table(
         "Compile time (s): first call minus a steady call",
-        ["batch", "AR"] + draft_names,
-        [[r["batch"]] + [r["arms"][a]["compile_s"] for a in ["AR", *draft_names]] for r in speed],
+        ["batch", "AR"] + arm_names,
+        [[r["batch"]] + [r["arms"][a]["compile_s"] for a in ["AR", *arm_names]] for r in speed],
     )
     tables = [tau_table, position_table, speed_table, compile_table]
     figures = [
@@ -287,14 +298,14 @@ def run(args) -> int:
         bench.bar_plot(out / "tau_per_set.png", list(sets),
                        {f"{n} T={t:g}": [acceptance[(s, t, n)]["tau"] for s in sets] for n in draft_names for t in temps},
                        ylabel="mean acceptance length tau", title="tau per prompt set"),
-        _speed_plot(out / "speed_vs_batch.png", speed, draft_names, "target as is"),
+        _speed_plot(out / "speed_vs_batch.png", speed, arm_names, "target as is"),
     ]
     if inflated is not None:
         tables.append(_speed_table(
             f"Speed vs batch size (temperature 0, cost-inflated target: {inflated['param_bytes'] / 1e6:.0f} MB, "
-            f"{inflated['num_layers']} layers)", inflated["rows"], draft_names,
+            f"{inflated['num_layers']} layers)", inflated["rows"], arm_names,
             note="the target plus extra layers whose output projections are zero: identical outputs, memory-bound cost."))
-        figures.append(_speed_plot(out / "speed_vs_batch_inflated.png", inflated["rows"], draft_names, "cost-inflated"))
+        figures.append(_speed_plot(out / "speed_vs_batch_inflated.png", inflated["rows"], arm_names, "cost-inflated"))
     meta = {
         "machine": bench.machine(), "dtype": dtype, "K": K, "target": str(target_dir), "drafts": {n: str(p) for n, p in
         [("DSpark", draft_dir), ("DFlash", dflash_dir)] if p is not None}, "target_params": target.num_params,

@@ -10,6 +10,8 @@ def add_arguments(parser):
     add_sampling_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    parser.add_argument("--schedule", choices=("auto", "fixed"), default="auto",
+                        help="auto: verify only the drafted prefix worth its cost (possibly none); fixed: the whole block")
 
 
 def run(args) -> int:
@@ -34,6 +36,7 @@ def run(args) -> int:
         seed=args.seed,
         confidence_threshold=args.confidence_threshold,
         draft_length=getattr(args, "draft_length", None),
+        schedule=args.schedule,
     )
     s = result.stats
     print(tok.decode(result.tokens[0]))
@@ -44,5 +47,6 @@ def run(args) -> int:
         survival = " ".join("-" if x is None else f"{x:.2f}" for x in s.prefix_survival)
         print(f"mean acceptance length (tau): {s.mean_acceptance_length:.3f}  verify rate: {s.verify_rate:.3f}")
         print(f"prefix survival by position: {survival}")
+        print(f"drafts verified per round ({args.schedule} schedule): {s.draft_tokens_per_proposal:.2f}")
     print(f"wall time: {s.wall_time_s:.3f}s (includes compilation)  tokens/s: {s.tokens_per_second:.1f}")
     return 0
