@@ -33,7 +33,8 @@ PROMPTS = [
     {"messages": [{"role": "user", "content": "hi, how are you?"}], "id": "greeting"},
     {"prompt": "The lazy dog sleeps."},
 ]
-COMMON = ["--max-new-tokens", "12", "--temperature", "0.9", "--seed", "5", "--dtype", "float32", "--no-progress"]
+COMMON = ["--max-new-tokens", "12", "--temperature", "0.9", "--seed", "5", "--dtype", "float32", "--no-progress",
+          "--schedule", "fixed"]  # fixed rounds: sampled answers independent of the batch (docs/algorithm.md)
 
 
 @pytest.fixture(scope="module")

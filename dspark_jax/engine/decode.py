@@ -103,6 +103,12 @@ def prefill(model, req: Requests, cache, *, chunk: int, capture: tuple[int, ...]
 def start(model, req: Requests, capacity: int, out_len: int, chunk: int) -> DecodeState:
     B = req.tokens.shape[0]
     first, cache, _ = prefill(model, req, model.init_cache(B, capacity, max_block=1), chunk=chunk)
+    return begin(cache, first, req, out_len)
+
+
+def begin(cache, first: jax.Array, req: Requests, out_len: int) -> DecodeState:
+    """The state after prefill (every per-row field's initial value; continuous batching resets a slot with it)."""
+    B = first.shape[0]
     live = req.max_new > 0
     out = jnp.full((B, out_len), PAD, jnp.int32)
     out = append_tokens(out, jnp.zeros((B,), jnp.int32), first[:, None], live.astype(jnp.int32))

@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from dspark_jax.config import SamplingParams
-from dspark_jax.engine import decode, inputs, sampling, spec
+from dspark_jax.engine import continuous, decode, inputs, sampling, spec
 from dspark_jax.errors import ConfigError, InputError
 from dspark_jax.handles import Draft, Target
 from dspark_jax.sharding import shard_array, to_host  # to_host: np.asarray that also gathers multi-process arrays
@@ -77,9 +78,11 @@ class GenerationStats:
     conditional_acceptance: list[float | None]
     wall_time_s: float
     tokens_per_second: float
+    slot_rounds: int = 0  # rows x rounds the compiled loops paid for (finished, empty and padding rows included)
 
     @classmethod
-    def from_rounds(cls, acceptance, proposal, accepted, num_generated, finish_reasons, K, wall_time_s) -> GenerationStats:
+    def from_rounds(cls, acceptance, proposal, accepted, num_generated, finish_reasons, K, wall_time_s,
+                    slot_rounds: int = 0) -> GenerationStats:
         acc_all = [x for row in acceptance for x in row]
         prop_all = [x for row in proposal for x in row]
         a_all = [x for row in accepted for x in row]
@@ -106,6 +109,7 @@ class GenerationStats:
             conditional_acceptance=conditional,
             wall_time_s=wall_time_s,
             tokens_per_second=total / wall_time_s if wall_time_s > 0 else 0.0,
+            slot_rounds=int(slot_rounds),
         )
 
 
@@ -281,6 +285,8 @@ def generate(
     row_ids: Sequence[int] | None = None,
     unroll_layers: bool = False,
     prefill_chunk: int = PREFILL_CHUNK,
+    batch_size: int | None = None,
+    batching: str | None = None,
     schedule: str = "auto",
 ) -> GenerationResult:
     """Generate for a batch of prompts; `draft=None` is plain autoregressive decoding.
@@ -303,14 +309,27 @@ def generate(
     "fixed" verifies every row's whole proposal (the block, or its `confidence_threshold` prefix).
     Statistics' `proposal_lengths` are the drafts verified per round (the scheduled lengths).
     Returns tokens per prompt (input order, cut after the first stop token inclusive) and statistics.
+    `batch_size` (B): run any number of prompts through B decode slots. `batching="continuous"` (the default
+    with a `batch_size`) refills a slot with the next prompt as soon as its answer ends, prefilling it chunk by
+    chunk over its own length while the other slots keep decoding, the whole job one compiled program
+    (`engine.continuous`); `"static"` runs consecutive groups of B prompts, each to its slowest answer. Either
+    way the answers are those of one call with every prompt (keys follow the row ids, not the slots).
     What holds in float32 and in bfloat16 (exactness, greedy equality, batch independence): module docstring.
     """
+    mode = inputs.batching(batch_size, batching)
+    if mode is not None:
+        return _generate_batched(
+            target, draft, prompts, mode, int(batch_size), max_new_tokens=max_new_tokens, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
+            confidence_threshold=confidence_threshold, draft_length=draft_length, row_ids=row_ids,
+            unroll_layers=unroll_layers, prefill_chunk=prefill_chunk, schedule=schedule,
+        )
     K, req, token_lists, shapes, stops = _prepare(
         target, draft, prompts, draft_length, row_ids, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
         prefill_chunk=prefill_chunk,
     )
-    plan = _schedule_params(target, draft, schedule, req, K)
+    plan = _schedule_params(target, draft, schedule, int(req.tokens.shape[0]), K)
     n = len(token_lists)
     max_new = to_host(req.max_new)[:n]
     t0 = time.perf_counter()
@@ -320,20 +339,61 @@ def generate(
         out, count = to_host(out), to_host(count)
         wall = time.perf_counter() - t0
         tokens, reasons = _finish(out, count, token_lists, max_new, stops)
-        steps = [[1] * max(0, int(c) - 1) for c in count[:n]]
-        stats = GenerationStats.from_rounds(steps, [[0] * len(s) for s in steps], [[0] * len(s) for s in steps],
-                                            [len(t) for t in tokens], reasons, 0, wall)
-        return GenerationResult(tokens=tokens, stats=stats)
+        return GenerationResult(tokens=tokens, stats=_ar_stats(count[:n], tokens, reasons, wall,
+                                                               (int(count.max()) - 1) * len(count)))
     with _placement(target):
         state = spec.generate_loop(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K,
                                    unroll_layers=bool(unroll_layers), schedule=plan, **shapes)
     out, count = to_host(state.out), to_host(state.count)
     wall = time.perf_counter() - t0
     tokens, reasons = _finish(out, count, token_lists, max_new, stops)
-    return GenerationResult(tokens=tokens, stats=_spec_stats(state, n, tokens, reasons, K, wall))
+    rounds = to_host(state.rounds)
+    return GenerationResult(tokens=tokens, stats=_spec_stats(state, n, tokens, reasons, K, wall,
+                                                             int(rounds.max()) * len(rounds)))
 
 
-def _schedule_params(target: Target, draft: Draft | None, schedule, req, K: int):
+CONTINUOUS_CHUNK = 128  # prompt positions per slot refill step: a prompt pays for its length rounded up to this
+
+
+def _generate_batched(target, draft, prompts, mode, B, *, prefill_chunk, unroll_layers, schedule, **settings) -> GenerationResult:
+    """`generate` with `batch_size`: through B continuous slots, or in static groups of B."""
+    n = len(prompts) if not isinstance(prompts, str) else 1
+    if mode == "static":
+        row_ids = inputs.row_ids(settings.pop("row_ids"), n)
+        ids = list(range(n)) if row_ids is None else list(row_ids)
+        per_row = {k: settings.pop(k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "confidence_threshold")}
+        parts, t0 = [], time.perf_counter()
+        for lo in range(0, n, B):
+            group = {k: (v[lo: lo + B] if np.ndim(v) else v) for k, v in per_row.items()}
+            parts.append(generate(target, draft, prompts[lo: lo + B], row_ids=ids[lo: lo + B], prefill_chunk=prefill_chunk,
+                                  unroll_layers=unroll_layers, schedule=schedule, **group, **settings))
+        return _concat(parts, time.perf_counter() - t0, draft, settings.get("draft_length"))
+    draft_length = settings.pop("draft_length")
+    row_ids = settings.pop("row_ids")
+    chunk = min(int(prefill_chunk), CONTINUOUS_CHUNK) if isinstance(prefill_chunk, int) else prefill_chunk
+    K, queue, token_lists, shapes, stops = _prepare(target, draft, prompts, draft_length, row_ids, prefill_chunk=chunk,
+                                                    **settings)
+    n = len(token_lists)
+    shapes["chunk"] = min(shapes["chunk"], queue.tokens.shape[1])
+    slots = dict(slots=bucket(min(B, n)))
+    plan = _schedule_params(target, draft, schedule, slots["slots"], K)
+    t0 = time.perf_counter()
+    with _placement(target):
+        if draft is None:
+            job = continuous.ar_job(target.graphdef, target.params, queue, jnp.int32(n), **shapes, **slots)
+        else:
+            job = continuous.spec_job(target.graphdef, target.params, draft.graphdef, draft.params, queue, jnp.int32(n),
+                                      plan, K=K, **shapes, **slots)
+    results = {k: to_host(v) for k, v in job.results.items()}
+    wall = time.perf_counter() - t0
+    tokens, reasons = _finish(results["out"], results["count"], token_lists, to_host(queue.max_new)[:n], stops)
+    paid = int(job.rounds_run) * slots["slots"]
+    if draft is None:
+        return GenerationResult(tokens=tokens, stats=_ar_stats(results["count"][:n], tokens, reasons, wall, paid))
+    return GenerationResult(tokens=tokens, stats=_spec_stats(results, n, tokens, reasons, K, wall, paid))
+
+
+def _schedule_params(target: Target, draft: Draft | None, schedule, batch: int, K: int):
     """The traced scheduler inputs for `schedule="auto"` (None: fixed rounds, or no draft)."""
     from dspark_jax.engine import schedule as sched
 
@@ -343,14 +403,32 @@ def _schedule_params(target: Target, draft: Draft | None, schedule, req, K: int)
         raise InputError(f"schedule={schedule!r} must be 'auto' or 'fixed'")
     if draft is None or schedule == "fixed":
         return None
-    return sched.params_for(target, draft, int(req.tokens.shape[0]), K)
+    return sched.params_for(target, draft, batch, K)
 
 
-def _spec_stats(state: spec.SpecState, n, tokens, reasons, K, wall) -> GenerationStats:
+def _ar_stats(count, tokens, reasons, wall, slot_rounds=0) -> GenerationStats:
+    steps = [[1] * max(0, int(c) - 1) for c in count]
+    return GenerationStats.from_rounds(steps, [[0] * len(s) for s in steps], [[0] * len(s) for s in steps],
+                                       [len(t) for t in tokens], reasons, 0, wall, slot_rounds)
+
+
+def _concat(parts: list[GenerationResult], wall, draft, draft_length) -> GenerationResult:
+    tokens = [t for p in parts for t in p.tokens]
+    lists = [[row for p in parts for row in getattr(p.stats, f)]
+             for f in ("acceptance_lengths", "proposal_lengths", "accepted_draft_lengths")]
+    reasons = [r for p in parts for r in p.stats.finish_reasons]
+    K = 0 if draft is None else _draft_length(draft, draft_length)
+    paid = sum(p.stats.slot_rounds for p in parts)
+    return GenerationResult(tokens, GenerationStats.from_rounds(*lists, [len(t) for t in tokens], reasons, K, wall, paid))
+
+
+def _spec_stats(state, n, tokens, reasons, K, wall, slot_rounds=0) -> GenerationStats:
+    if isinstance(state, dict):  # continuous batching's per-prompt results
+        state = SimpleNamespace(**state)
     rounds = to_host(state.rounds)[:n]
     acc, prop, a = (to_host(x) for x in (state.acceptance_lengths, state.proposal_lengths, state.accepted_lengths))
     lists = [[row[: rounds[i]].tolist() for i, row in enumerate(arr[:n])] for arr in (acc, prop, a)]
-    return GenerationStats.from_rounds(*lists, [len(t) for t in tokens], reasons, K, wall)
+    return GenerationStats.from_rounds(*lists, [len(t) for t in tokens], reasons, K, wall, slot_rounds)
 
 
 def stream(
@@ -381,7 +459,7 @@ def stream(
         top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
         prefill_chunk=prefill_chunk,
     )
-    plan = _schedule_params(target, draft, schedule, req, K)
+    plan = _schedule_params(target, draft, schedule, int(req.tokens.shape[0]), K)
     return _stream_rounds(target, draft, K, req, token_lists, shapes, stops, plan)
 
 

@@ -208,3 +208,22 @@ def stop_token_ids(value, vocab: int) -> list[int] | None:
         if not 0 <= x < vocab:
             raise InputError(f"stop_token_ids: stop token id {x} is outside the vocabulary [0, {vocab})")
     return [int(x) for x in value]
+
+
+BATCHING = ("continuous", "static")
+
+
+def batching(batch_size, mode) -> str | None:
+    """None (one batch of every prompt), or how `batch_size` slots are fed: "continuous" (default) or "static"."""
+    if batch_size is None:
+        if mode is not None:
+            raise InputError(f"batching={mode!r} needs batch_size (the number of decode slots), e.g. batch_size=16")
+        return None
+    if not is_integer(batch_size) or batch_size < 1:
+        raise InputError(f"batch_size={_show(batch_size)}: expected an integer >= 1 (decode slots), or None for one "
+                         "batch of every prompt")
+    if mode is None:
+        return "continuous"
+    if mode not in BATCHING:
+        raise InputError(f"batching={_show(mode)}: expected one of {', '.join(map(repr, BATCHING))}")
+    return mode

@@ -10,11 +10,17 @@ The job is built to be killed at any moment and started again:
   different arguments is refused instead of mixing answers of two jobs in one file.
 * An exclusive lock on the output stops two jobs from appending to the same file at once.
 
-A resumed job computes every prompt exactly as the uninterrupted job would, in any dtype: the batches are
-planned over *all* valid prompts of the job (sorted by token length, then line), every batch has the same
-number of rows (the last one filled up with one-token filler rows), and a resumed run skips the batches that
-are fully answered and recomputes a partly answered one whole, writing only its missing lines. So each prompt
-always runs with the same batch mates in the same program shapes (batch, padded prompt length, token budget).
+Two ways to batch (`Settings.batching`, `--batching`): "continuous" (default) runs windows of
+`WINDOW_SLOTS * batch_size` length-sorted prompts, each one `generate` call through `batch_size` continuous
+slots (engine/continuous.py; a window's answers are written when it returns); "static" runs length-sorted
+batches of `batch_size` rows, each to its slowest answer.
+
+A resumed job computes every prompt exactly as the uninterrupted job would, in any dtype: the windows or
+batches are planned over *all* valid prompts of the job (sorted by token length, then line); a static batch has
+a fixed number of rows (the last one filled up with one-token filler rows); a resumed run skips the windows or
+batches that are fully answered and recomputes a partly answered one whole, writing only its missing lines. So
+each prompt always runs with the same mates in the same program shapes (batch, padded prompt length, token
+budget).
 
 Each prompt's random stream is derived from `(seed, its 0-based line index)` through
 `generate(..., row_ids=...)`, never from its batch mates. In float32 a prompt therefore gets the same answer
@@ -69,6 +75,8 @@ class Settings:
     confidence_threshold: float = 0.0
     draft_length: int | None = None
     chat: bool = True
+    batching: str = "continuous"  # or "static" (engine.generation.generate's `batching`)
+    schedule: str = "auto"  # or "fixed" (engine.generation.generate's `schedule`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,7 +290,9 @@ def fingerprint(inputs: PromptFile, target_dir, draft_dir, dtype: str, settings:
         "dtype": str(dtype),
         **dataclasses.asdict(settings),
     }
-    if batch_size is not None and str(dtype) != "float32":
+    # outside float32, and under the "auto" scheduler (which plans each round for the batch as a whole, so a
+    # sampled answer's realisation depends on its mates), the batch size decides answers too
+    if batch_size is not None and (str(dtype) != "float32" or settings.schedule == "auto"):
         job["batch_size"] = int(batch_size)
     if mesh is not None and str(dtype) != "float32":
         job["mesh"] = {"data": int(mesh[0]), "model": int(mesh[1])}
@@ -480,14 +490,32 @@ def batches(rows: list, batch_size: int) -> list[list]:
     return out
 
 
-def _generate_batch(target, draft, batch: list[_Row | None], settings: Settings):
-    """One `generate` call; filler rows (None) copy a real prompt with a one-token budget."""
+WINDOW_SLOTS = 8  # a continuous job runs its pending prompts in windows of this many times the slot count
+
+
+def windows(rows: list, batch_size: int) -> list[list]:
+    """Continuous batching: the job's prompts, length-sorted (so a window's caches fit its longest prompt
+    closely), in windows of `WINDOW_SLOTS * batch_size` prompts, each one `generate` call through
+    `batch_size` slots whose answers are written when it returns. Like `batches`, they are planned over every
+    prompt of the job, so a resumed job reruns an interrupted window whole, with the same mates and program
+    shapes, and every answer equals the uninterrupted job's in any dtype and schedule."""
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    ordered = sorted(rows, key=lambda r: (len(r.ids), r.prompt.line))
+    width = WINDOW_SLOTS * batch_size
+    return [ordered[i : i + width] for i in range(0, len(ordered), width)]
+
+
+def _generate_batch(target, draft, batch: list[_Row | None], settings: Settings, batch_size: int | None = None):
+    """One `generate` call; filler rows (None) copy a real prompt with a one-token budget. With `batch_size`,
+    the rows run through that many continuous-batching slots."""
     import dspark_jax as dj
 
     real = [r for r in batch if r is not None]
     rows = [r if r is not None else dataclasses.replace(real[-1], settings={**real[-1].settings, "max_new_tokens": 1})
             for r in batch]
     col = lambda name: [r.settings[name] for r in rows]
+    slots = {} if batch_size is None else {"batch_size": batch_size, "batching": "continuous"}
     return dj.generate(
         target,
         draft,
@@ -500,6 +528,8 @@ def _generate_batch(target, draft, batch: list[_Row | None], settings: Settings)
         confidence_threshold=settings.confidence_threshold,
         draft_length=settings.draft_length,
         row_ids=[r.prompt.line for r in rows],
+        schedule=settings.schedule if draft is not None else "fixed",
+        **slots,
     )
 
 
@@ -537,12 +567,16 @@ def run(
     )
     bar = tqdm(total=summary.prompts_total, initial=summary.answered_before, unit="prompt", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
+    continuous = settings.batching == "continuous"
+    # planned over every prompt, so each keeps its batch (window) mates whatever the resume point
+    plan = windows(rows, batch_size) if continuous else batches(rows, batch_size)
     try:
-        for batch in batches(rows, batch_size):
+        for batch in plan:
             missing = [r is not None and id_key(r.prompt.id) not in answers.answered for r in batch]
             if not any(missing):
                 continue
-            result = _generate_batch(target, draft, batch, settings)  # whole, so every row keeps its batch mates
+            # run whole, so every row keeps its mates
+            result = _generate_batch(target, draft, batch, settings, batch_size if continuous else None)
             stats = result.stats
             for i, row in enumerate(batch):
                 if not missing[i]:

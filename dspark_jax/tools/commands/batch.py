@@ -12,6 +12,7 @@ data axis, the model is sharded over its model axis, process 0 writes the one ou
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,8 +33,16 @@ def add_arguments(parser):
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16,
-                        help="prompts per generate call (float32 answers do not depend on it; bfloat16 answers do, so a "
-                             "bf16 job resumes only with the same batch size)")
+                        help="decode slots (continuous) or prompts per generate call (static); float32 answers do not "
+                             "depend on it, bfloat16 answers may, so a bf16 job resumes only with the same batch size")
+    parser.add_argument("--batching", choices=("continuous", "static"), default="continuous",
+                        help="continuous (default): --batch-size decode slots, each refilled with the next prompt as soon "
+                             "as its answer ends; static: groups of --batch-size length-sorted prompts, each run to its "
+                             "slowest answer")
+    parser.add_argument("--schedule", choices=("auto", "fixed"), default="auto",
+                        help="auto (default): verify per round only the drafted prefix worth its cost on this machine "
+                             "(docs/algorithm.md); fixed: whole blocks. Under auto a sampled answer's realisation depends on "
+                             "its batch, so the job resumes only with the same --batch-size")
     parser.add_argument("--no-chat", action="store_true", help="feed the raw text instead of applying the chat template")
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed input line instead of skipping it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -69,6 +78,10 @@ def _job(args, cluster: distributed.Cluster) -> int:
     from dspark_jax.errors import ConfigError, InputError
     from dspark_jax.tools import batch
 
+    if cluster.multi_process:
+        # every process must feed the compiled rounds the same scheduler cost model: the machine-independent
+        # constant-ratio one, not each host's own timing profile (engine/schedule.py)
+        os.environ["DSPARK_JAX_PROFILE"] = "0"
     input_path = Path(args.input)
     if not input_path.is_file():
         raise InputError(f"--input {input_path} is not a file; pass a JSONL file of prompts")
@@ -93,6 +106,8 @@ def _job(args, cluster: distributed.Cluster) -> int:
         confidence_threshold=args.confidence_threshold,
         draft_length=None if no_draft else args.draft_length,
         chat=not args.no_chat,
+        batching=args.batching,
+        schedule=args.schedule,
     )
     for name in batch.LINE_SETTINGS:  # the flags obey the same rules as per-line values
         try:
