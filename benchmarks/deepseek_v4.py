@@ -5,7 +5,10 @@ alternating; 16 routed experts of 384, top-4, hash routing in the first three la
 key/value head; hc_mult 4; fp32). Arms at temperature 0, measured exactly as in `benchmarks/deepseek.py` (its
 `loop_arm`: long minus short runs of one compiled loop per arm): `ar` / `mtp1_oracle` / `mtp3_oracle` on
 `testing.mtp_v4.bigram_target` with `testing.mtp_v4.oracle_mtp` (tau = K + 1), and `ar_random` / `mtp1_random` /
-`mtp3_random` with `testing.mtp_v4.random_mtp` (tau ~ 1). `rho` = round time / AR step time; `rho_ideal` = (one
+`mtp3_random` with `testing.mtp_v4.random_mtp` (tau ~ 1). `--drafts dspark` runs the V4 DSpark draft instead
+(docs/deepseek.md §12: three sliding-only blocks over the inputs of the target's last three layers, block 5):
+`dspark5_oracle` (`testing.dspark_v4.oracle_dspark`, tau = 6) and `dspark5_random` (`random_dspark`), written to
+`deepseek_v4_dspark_speed.json`. `rho` = round time / AR step time; `rho_ideal` = (one
 target pass over K + 1 tokens capturing the last-layer streams, plus the K chained MTP steps) / AR step time, each
 jitted and timed alone; engine efficiency = rho_ideal / rho; compile time of each loop.
 
@@ -22,6 +25,7 @@ shardings, the cache numbers per token, and XLA's memory analysis of the compile
     python benchmarks/deepseek_v4.py --part aot      # bf16, K = 3 (a few minutes on 2 shared cores)
     python benchmarks/deepseek_v4.py --part aot --dtypes bfloat16,float32 --ks 1,3
     python benchmarks/deepseek_v4.py --part speed --batch-sizes 1 --repetitions 2
+    python benchmarks/deepseek_v4.py --part speed --drafts dspark --batch-sizes 1 --repetitions 2
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ from dspark_jax.layers import kv_cache as kv  # noqa: E402
 from dspark_jax.layers.params import Init  # noqa: E402
 from dspark_jax.models.deepseek_v4 import DeepseekV4Config, DeepseekV4Model  # noqa: E402
 from dspark_jax.models.deepseek_v4.config import CSA, HASH, HCA, ROUTED, SLIDING  # noqa: E402
+from dspark_jax.proposers.dspark_v4 import V4DSparkDraft  # noqa: E402
 from dspark_jax.proposers.mtp_v4 import V4MTPConfig, V4MTPProposer  # noqa: E402
+from dspark_jax.testing import dspark_v4 as synthetic_dspark  # noqa: E402
 from dspark_jax.testing import mtp_v4 as synthetic_mtp  # noqa: E402
 from dspark_jax.testing import synthetic  # noqa: E402
 from dspark_jax.tools import bench  # noqa: E402
@@ -85,7 +91,8 @@ SMALL = DeepseekV4Config(
 )
 KS = (1, 3)
 BUDGETS = {"ar": (33, 1), "ar_random": (33, 1), "mtp1_oracle": (49, 1), "mtp3_oracle": (97, 1),
-           "mtp1_random": (17, 1), "mtp3_random": (17, 1)}
+           "mtp1_random": (17, 1), "mtp3_random": (17, 1), "dspark5_oracle": (145, 1), "dspark5_random": (17, 1)}
+DSPARK_BLOCK = 5  # DeepSeek-V4-Flash-DSpark's dspark_block_size (target_families.md §2)
 
 
 def _v3_bench():
@@ -104,7 +111,8 @@ def piece_arms(target, draft, B, prompt_len, K, seed, v3):
     lengths = jnp.full((B,), prompt_len + 64, jnp.int32)
     caches = {"target": target.module.init_cache(B, capacity, max_block=K + 1), "mtp": draft.module.init_state(B, capacity)}
     verify_ids = jnp.asarray(rng.integers(0, c.vocab_size, (B, K + 1)), jnp.int32)
-    features = jnp.asarray(rng.standard_normal((B, K + 1, c.hc_mult * c.hidden_size)), target.dtype)
+    width = (len(draft.module.feature_indices) if isinstance(draft.module, V4DSparkDraft) else c.hc_mult) * c.hidden_size
+    features = jnp.asarray(rng.standard_normal((B, K + 1, width)), target.dtype)
     req, _, _ = generation.build_requests(target, verify_ids.tolist(), max_new_tokens=8, temperature=0.0, top_k=0,
                                           top_p=1.0, seed=0, stop_token_ids=[], confidence_threshold=0.0)
     capture = draft.module.feature_indices
@@ -134,17 +142,24 @@ def speed(args) -> dict:
     successor = synthetic.random_permutation_successor(SMALL.vocab_size, args.seed)
     bigram = synthetic_mtp.bigram_target(SMALL, successor, seed=args.seed)
     random_target = dj.Target.random(SMALL, seed=args.seed + 1)
-    drafts = {"oracle": synthetic_mtp.oracle_mtp(bigram, successor, seed=args.seed, max_draft_length=max(KS)),
-              "random": synthetic_mtp.random_mtp(random_target, seed=args.seed + 1, max_draft_length=max(KS))}
+    if args.drafts == "dspark":
+        prefix, ks = "dspark", (DSPARK_BLOCK,)
+        drafts = {"oracle": synthetic_dspark.oracle_dspark(bigram, successor, seed=args.seed, block_size=DSPARK_BLOCK),
+                  "random": synthetic_dspark.random_dspark(random_target, seed=args.seed + 1, block_size=DSPARK_BLOCK,
+                                                            markov_rank=SMALL.hidden_size)}  # the oracle's shapes
+    else:
+        prefix, ks = "mtp", KS
+        drafts = {"oracle": synthetic_mtp.oracle_mtp(bigram, successor, seed=args.seed, max_draft_length=max(KS)),
+                  "random": synthetic_mtp.random_mtp(random_target, seed=args.seed + 1, max_draft_length=max(KS))}
     targets = {"oracle": bigram, "random": random_target}
-    log(f"target {bigram.num_params / 1e6:.1f}M params, MTP {drafts['oracle'].num_params / 1e6:.1f}M params")
+    log(f"target {bigram.num_params / 1e6:.1f}M params, {prefix} draft {drafts['oracle'].num_params / 1e6:.1f}M params")
     rows = []
     for B in args.batch_sizes:
         prompts = np.random.default_rng(args.seed + B).integers(0, SMALL.vocab_size, (B, args.prompt_len)).tolist()
         arms, compile_s = {}, {}
         for kind in ("oracle", "random"):
             ar_name = "ar" if kind == "oracle" else "ar_random"
-            pairs = {ar_name: (None, None)} | {f"mtp{K}_{kind}": (drafts[kind], K) for K in KS}
+            pairs = {ar_name: (None, None)} | {f"{prefix}{K}_{kind}": (drafts[kind], K) for K in ks}
             for name, (draft, K) in pairs.items():
                 n_long, n_short = BUDGETS[name]
                 arms[f"{name}_long"] = v3.loop_arm(targets[kind], draft, prompts, n_long, K, False)
@@ -155,7 +170,7 @@ def speed(args) -> dict:
                     log(f"  compiled {name} B={B}: {compile_s[name]:.1f}s")
         pieces = {}
         for kind in ("oracle", "random"):
-            for K in KS:
+            for K in ks:
                 for n, fn in piece_arms(targets[kind], drafts[kind], B, args.prompt_len, K, args.seed, v3).items():
                     pieces[f"piece_{n}_{K}_{kind}"] = v3.repeated(fn, args.piece_calls)
         log(f"batch {B}: loops and pieces, {args.repetitions} interleaved repetitions")
@@ -163,8 +178,8 @@ def speed(args) -> dict:
         for kind in ("oracle", "random"):
             ar_name = "ar" if kind == "oracle" else "ar_random"
             ar_step, ar_tok_s = v3.per_repetition(t, ar_name, B)
-            for K in KS:
-                name = f"mtp{K}_{kind}"
+            for K in ks:
+                name = f"{prefix}{K}_{kind}"
                 round_s, spec_tok_s = v3.per_repetition(t, name, B)
                 res = t[f"{name}_long"].result
                 pc = {n: [x / args.piece_calls for x in t[f"piece_{n}_{K}_{kind}"].times_s]
@@ -186,7 +201,7 @@ def speed(args) -> dict:
                 rows.append(row)
                 log(f"  {name} B={B}: tau {row['tau']:.2f} rho {row['rho']:.3f} rho_ideal {row['rho_ideal']:.3f} "
                     f"efficiency {row['engine_efficiency']:.3f} speedup {row['speedup']:.2f}")
-    return {"rows": rows, "target_params": bigram.num_params, "mtp_params": drafts["oracle"].num_params,
+    return {"rows": rows, "target_params": bigram.num_params, f"{prefix}_params": drafts["oracle"].num_params,
             "config": repr(SMALL)}
 
 
@@ -295,6 +310,7 @@ def main(argv=None) -> int:
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--piece-calls", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drafts", default="mtp", choices=["mtp", "dspark"], help="the speed part's draft family")
     p.add_argument("--dtypes", default="bfloat16")
     p.add_argument("--ks", default="3")
     p.add_argument("--batch", type=int, default=8)
@@ -308,7 +324,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.part in ("speed", "all"):
         result = speed(args)
-        (out / "deepseek_v4_speed.json").write_text(json.dumps(result, indent=2))
+        name = "deepseek_v4_speed.json" if args.drafts == "mtp" else "deepseek_v4_dspark_speed.json"
+        (out / name).write_text(json.dumps(result, indent=2))
         print(json.dumps([{k: r[k] for k in ("arm", "batch", "tau", "ar_step_ms", "spec_round_ms", "speedup", "rho",
                                              "rho_ideal", "engine_efficiency", "ar_compile_s", "spec_compile_s")}
                           for r in result["rows"]], indent=2))
