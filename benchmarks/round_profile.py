@@ -6,7 +6,9 @@ Pieces (the named scopes of `spec.step` / `DSparkDraft.sample_block`): the draft
 (`propose`; the loop alone is `propose - draft_block`), the target's
 forward over the anchor and K drafts (`target_forward`), the target's processed distributions
 (`target_probs`, the top-k/top-p sort included only when a row filters), rejection sampling (`accept`), the
-proposer's context extension (`extend`), and the whole fixed round. The AR step is `decode`'s one-token step
+proposer's context extension (`extend`), and the whole fixed round. `target_probs`, `accept` and `extend` each
+include the target forward they need (so `target_probs - target_forward` is the distributions' cost, and so on);
+`propose` includes `draft_block`. The AR step is `decode`'s one-token step
 (forward, distribution, exact sample). State: after prefilling held-out prompts. Pieces run interleaved,
 `--repetitions` times each, medians; greedy by default (`--temperature`, `--top-p` to see sampling costs).
 
@@ -117,14 +119,15 @@ def main(argv=None):
 
     load = os.getloadavg()
     res = run([int(x) for x in args.batch_sizes.split(",")], args.repetitions, args.draft_length, args.temperature, args.top_p)
-    data = {"machine": bench.machine(), "load_before": load, "load_after": os.getloadavg(), "args": vars(args), "results": res}
+    data = {"machine": bench.machine(), "load_before": load, "load_after": os.getloadavg(),
+            "args": {k: v for k, v in vars(args).items() if k != "out"}, "results": res}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     lines = [f"# Round cost breakdown (multiples of one AR step; temperature {args.temperature}, top-p {args.top_p})\n",
              f"Built-in pair, float32, K={args.draft_length}, {args.repetitions} interleaved repetitions, medians; load average "
              f"{load[0]:.1f} before / {data['load_after'][0]:.1f} after (shared 2-core machine).\n",
-             "| batch | AR step (ms) | " + " | ".join(PIECES[1:]) + " |", "|" + "---|" * len(PIECES) + "|"]
+             "| batch | AR step (ms) | " + " | ".join(PIECES[1:]) + " |", "|" + "---|" * (len(PIECES) + 1)]
     for B, r in res.items():
         lines.append(f"| {B} | {r['ms']['ar_step']:.2f} | " + " | ".join(f"{r['x_ar'][p]:.2f}" for p in PIECES[1:]) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -133,3 +136,45 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+def greedy_path_ab(batch_sizes, repetitions, K):
+    """The lean greedy path against the general one, in one process: the round and the AR step at temperature 0
+    (every row greedy: one-hot distributions, no uniforms, no sampler walk) and at temperature 1e-4 (just above
+    the greedy threshold: the general path, which is what greedy rows paid before the lean change), interleaved.
+    -> per batch: round / AR step for each path."""
+    import dspark_jax as dj
+    from dspark_jax.engine import generation, spec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from schedule import prompts_heldout
+
+    target, draft = dj.load_target(dtype="float32"), dj.load_draft(dtype="float32")
+    out = {}
+    for B in batch_sizes:
+        prompts = prompts_heldout(target, B)
+        calls = {}
+        for name, temp in (("lean", 0.0), ("general", 1e-4)):
+            req, _, shapes = generation.build_requests(
+                target, prompts, max_new_tokens=128, temperature=temp, top_k=0, top_p=1.0, seed=0,
+                stop_token_ids=[], confidence_threshold=0.0, extra_capacity=K)
+            state = spec.start_jit(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
+            for piece in ("ar_step", "round"):
+                calls[(name, piece)] = functools.partial(
+                    lambda st, piece, cap: jax.block_until_ready(_piece(target.graphdef, target.params, draft.graphdef,
+                                                                         draft.params, st, piece=piece, K=K, capacity=cap)),
+                    state, piece, shapes["capacity"])
+        for fn in calls.values():
+            fn()
+        times = {k: [] for k in calls}
+        for _ in range(repetitions):
+            for k, fn in calls.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[B] = {"ms": {f"{a} {b}": 1e3 * v for (a, b), v in med.items()},
+                  "round_x_ar": {name: med[(name, "round")] / med[(name, "ar_step")] for name in ("lean", "general")},
+                  "round_x_general_ar": {name: med[(name, "round")] / med[("general", "ar_step")] for name in ("lean", "general")}}
+        print(f"batch {B}: {json.dumps(out[B])}", file=sys.stderr, flush=True)
+    return out
