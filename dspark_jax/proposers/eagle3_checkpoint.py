@@ -3,11 +3,12 @@
 Two layouts load:
 
 * DeepSpec's `Qwen3Eagle3Model` (the reference): keys `layers.0.*`, exactly 5 feature layers, one decoder
-  layer, the full target vocabulary. `export_draft` writes this layout.
+  layer, the full target vocabulary. `export_draft` writes this layout for drafts with 5 feature layers.
 * The widely used EAGLE-3 layout (`LlamaForCausalLMEagle3`): keys `midlayer.*`, a reduced draft vocabulary
   whose `lm_head` rows map to target tokens through `d2t` (target id = draft id + d2t[draft id]), feature layers
   in `eagle_config.eagle_aux_hidden_state_layer_ids`. Only checkpoints whose decoder layer the Qwen3 blocks
-  express load; the rest are refused by name (§7).
+  express load; the rest are refused by name (§7). `export_draft` writes this layout, with the full
+  vocabulary (`d2t` all zeros), for drafts whose feature layers are not 5 (e.g. the built-in draft's 3, §9).
 """
 
 from __future__ import annotations
@@ -200,14 +201,20 @@ def load_draft(path: str | Path, dtype="bfloat16", mesh=None) -> Draft:
     return Draft(config=config, graphdef=graphdef, params=nnx.from_flat_state(flat), dtype=dt, directory=directory)
 
 
+def export_layout(cfg: Eagle3Config) -> str:
+    """The layout `export_draft` writes: the reference's when it can express the draft (5 feature layers),
+    else the widely used one (docs/eagle3.md §1.2, §9). Reduced-vocabulary drafts are not exported."""
+    if cfg.reduced_vocab:
+        raise ConfigError("exporting a reduced-vocabulary EAGLE-3 draft is not supported (only full-vocabulary drafts)")
+    return DEEPSPEC if len(cfg.target_layer_ids) == DEEPSPEC_NUM_FEATURE_LAYERS else REDUCED_VOCAB
+
+
 def config_dict(cfg: Eagle3Config, base: dict | None = None, dtype: str = "bfloat16") -> dict:
-    """The reference's `config.json` of a `Qwen3Eagle3Model` draft: the target's config (`base`, if given)
-    with the draft fields set (docs/eagle3.md §1.1)."""
-    if cfg.layout != DEEPSPEC or cfg.reduced_vocab:
-        raise ConfigError("only DeepSpec-layout EAGLE-3 drafts (full vocabulary) are exported")
-    if len(cfg.target_layer_ids) != DEEPSPEC_NUM_FEATURE_LAYERS:
-        raise ConfigError(f"the reference reads exactly {DEEPSPEC_NUM_FEATURE_LAYERS} target layers; this draft reads "
-                          f"{len(cfg.target_layer_ids)}")
+    """The `config.json` of an exported draft: the target's config (`base`, if given) with the draft fields of
+    the reference's `Qwen3Eagle3Model` (docs/eagle3.md §1.1) or, for a draft that layout cannot express, of the
+    widely used `LlamaForCausalLMEagle3` layout with the full vocabulary (§1.2)."""
+    if export_layout(cfg) == REDUCED_VOCAB:
+        return _reduced_layout_config(cfg, base, dtype)
     out = copy.deepcopy(base) if base else {}
     for key in ("auto_map", "text_config", "rope_theta", "rope_scaling", "block_size", "mask_token_id", "markov_rank",
                 "markov_head_type", "enable_confidence_head", "confidence_head_with_markov", "num_anchors"):
@@ -228,17 +235,44 @@ def config_dict(cfg: Eagle3Config, base: dict | None = None, dtype: str = "bfloa
     return out
 
 
+def _reduced_layout_config(cfg: Eagle3Config, base: dict | None, dtype: str) -> dict:
+    out = copy.deepcopy(base) if base else {}
+    for key in ("auto_map", "text_config", "rope_theta", "rope_scaling", "block_size", "mask_token_id", "markov_rank",
+                "markov_head_type", "enable_confidence_head", "confidence_head_with_markov", "num_anchors",
+                "target_layer_ids", "step_loss_decay"):
+        out.pop(key, None)
+    out.update(qwen3_config.draft_backbone_fields(cfg.layer))
+    out.update(
+        architectures=[REDUCED_VOCAB_ARCHITECTURES[0]],
+        num_hidden_layers=1,
+        num_target_layers=cfg.num_target_layers,
+        draft_vocab_size=cfg.vocab_size,
+        eagle_config={"eagle_aux_hidden_state_layer_ids": list(cfg.target_layer_ids)},
+        ttt_length=cfg.draft_length,
+        tie_word_embeddings=False,
+        dtype=dtype,
+    )
+    return out
+
+
 def export_draft(draft: Draft, directory, *, dtype="bfloat16", base_config: dict | None = None) -> Path:
-    """Write an EAGLE-3 `Draft` in the reference layout: `config.json` + `model.safetensors` (`[out, in]` Linear
-    weights); `dj.load_draft` reads it back bit-exactly at the stored `dtype`."""
+    """Write an EAGLE-3 `Draft` (`config.json` + `model.safetensors`, `[out, in]` Linear weights) in the layout of
+    `export_layout`; `dj.load_draft` reads it back bit-exactly at the stored `dtype`."""
+    import dataclasses
+
     import jax.numpy as jnp
 
     from converters.safetensors_io import save_file
     from dspark_jax.models.loading import checkpoint_tensors
 
-    cfg = config_dict(draft.config, base_config, str(jnp.dtype(dtype)))
+    config = dataclasses.replace(draft.config, layout=export_layout(draft.config))
+    cfg = config_dict(config, base_config, str(jnp.dtype(dtype)))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(checkpoint_tensors(draft, rules(draft.config), dtype), directory / "model.safetensors")
+    tensors = checkpoint_tensors(draft, rules(config), dtype)
+    if config.layout == REDUCED_VOCAB:  # the full vocabulary: every draft token is its target token
+        V = config.vocab_size
+        tensors.update(d2t=np.zeros(V, np.int64), t2d=np.ones(V, np.bool_))
+    save_file(tensors, directory / "model.safetensors")
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return directory

@@ -324,7 +324,8 @@ class Pipeline:
     def do_ship(self, summaries):
         import dspark_jax as dj
         from dspark_jax.models.qwen3.checkpoint import export_target
-        from dspark_jax.proposers.dspark_checkpoint import export_draft
+        from dspark_jax.proposers import dspark_checkpoint, eagle3_checkpoint
+        from dspark_jax.proposers.eagle3 import Eagle3Config
 
         ship = self.out / "ship"
         if ship.exists():
@@ -335,10 +336,11 @@ class Pipeline:
         for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
             shutil.copy2(self.target_dir / name, ship / "target" / name)
         base = json.loads((self.target_dir / "config.json").read_text())
-        names = {"dspark": "dspark_draft", "dflash": "dflash_draft"}
+        names = {"dspark": "dspark_draft", "dflash": "dflash_draft", "eagle3": "eagle3_draft"}
         for name in self.cfg.drafts:
             draft = dj.load_draft(self.out / name / "draft", dtype=dt)
-            export_draft(draft, ship / names.get(name, name), dtype=dt, base_config=base)
+            module = eagle3_checkpoint if isinstance(draft.config, Eagle3Config) else dspark_checkpoint
+            module.export_draft(draft, ship / names.get(name, name), dtype=dt, base_config=base)
         shutil.copy2(self.out / "data" / "test_prompts.jsonl", ship / "heldout_prompts.jsonl")
         info = {"config": dataclasses.asdict(self.cfg), "stages": summaries,
                 "recipes": {n: str(p) for n, p in self.cfg.drafts.items()}}
@@ -352,7 +354,9 @@ def install(ship: Path) -> Path:
     from dspark_jax import assets
 
     root = assets.ROOT
-    for sub in ("target", "dspark_draft", "dflash_draft"):
+    for sub in ("target", "dspark_draft", "dflash_draft", "eagle3_draft"):
+        if not (ship / sub).exists():  # a pipeline that trained only some of the drafts
+            continue
         if (root / sub).exists():
             shutil.rmtree(root / sub)
         shutil.copytree(ship / sub, root / sub)

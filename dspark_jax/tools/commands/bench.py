@@ -1,6 +1,6 @@
-"""`dspark-jax bench`: the benchmark report of a target + DSpark draft (+ DFlash draft) on prompt sets.
+"""`dspark-jax bench`: the benchmark report of a target + DSpark draft (+ DFlash, EAGLE-3 drafts) on prompt sets.
 
-Runs the arms of benchmarks.md with the built-in trained pair (or `--target/--draft/--dflash`):
+Runs the arms of benchmarks.md with the built-in trained drafts (or `--target/--draft/--dflash/--eagle3`):
 * acceptance: every prompt set (first turn, chat template) at each temperature, with each draft: tau and
   acceptance by position (prefix survival, conditional);
 * speed: AR vs speculative at each batch size, temperature 0, arms interleaved, compile time apart, median of
@@ -38,6 +38,8 @@ def add_arguments(parser):
     parser.add_argument("--draft", default=None, help="DSpark draft directory (default: the built-in DSpark draft)")
     parser.add_argument("--dflash", default=None,
                         help="DFlash draft directory (default: the built-in DFlash draft if present; 'none' = skip the arm)")
+    parser.add_argument("--eagle3", default=None,
+                        help="EAGLE-3 draft directory (default: the built-in EAGLE-3 draft if present; 'none' = skip the arm)")
     parser.add_argument("--prompts", nargs="+", default=None,
                         help=f"prompt-set JSONL files (default: {', '.join(PROMPT_SETS)} from $DSPARK_JAX_PROMPTS or "
                              "../shared/data/prompts)")
@@ -232,6 +234,12 @@ def run(args) -> int:
         dflash_dir = assets.DFLASH_DRAFT if (assets.DFLASH_DRAFT / "config.json").exists() else None
         if dflash_dir is None:
             log(f"no built-in DFlash draft at {assets.DFLASH_DRAFT}: skipping the DFlash arm")
+    if args.eagle3 is not None and args.eagle3.lower() == "none":
+        eagle3_dir = None
+    elif args.eagle3 is not None:
+        eagle3_dir = Path(args.eagle3)
+    else:
+        eagle3_dir = assets.EAGLE3_DRAFT if (assets.EAGLE3_DRAFT / "config.json").exists() else None
 
     for flag, given, path in (("--target", args.target, target_dir), ("--draft", args.draft, draft_dir)):
         if given is None and not path.is_dir():
@@ -240,9 +248,11 @@ def run(args) -> int:
     drafts = {"DSpark": dj.load_draft(draft_dir, dtype=dtype)}
     if dflash_dir is not None:
         drafts["DFlash"] = dj.load_draft(dflash_dir, dtype=dtype)
+    if eagle3_dir is not None:
+        drafts["EAGLE-3"] = dj.load_draft(eagle3_dir, dtype=dtype)
     for d in drafts.values():
         dj.check_pair(target, d)
-    K = args.draft_length or min(d.config.block_size for d in drafts.values())
+    K = args.draft_length or min(getattr(d.config, "block_size", None) or d.config.draft_length for d in drafts.values())
     tok = target.tokenizer
     if not args.no_chat and not tok.chat_template:
         raise ConfigError(f"{target_dir} has no chat template; pass --no-chat to feed the prompts as raw text")
@@ -308,7 +318,7 @@ def run(args) -> int:
         figures.append(_speed_plot(out / "speed_vs_batch_inflated.png", inflated["rows"], arm_names, "cost-inflated"))
     meta = {
         "machine": bench.machine(), "dtype": dtype, "K": K, "target": str(target_dir), "drafts": {n: str(p) for n, p in
-        [("DSpark", draft_dir), ("DFlash", dflash_dir)] if p is not None}, "target_params": target.num_params,
+        [("DSpark", draft_dir), ("DFlash", dflash_dir), ("EAGLE-3", eagle3_dir)] if p is not None}, "target_params": target.num_params,
         "draft_params": {n: d.num_params for n, d in drafts.items()}, "prompt_files": [str(f) for f in files],
         "prompts_per_set": {s: len(p) for s, p in sets.items()}, "chat_template": not args.no_chat,
         "max_new_tokens": args.max_new_tokens, "temperatures": temps, "batch_sizes": args.batch_sizes,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, draft: bool = True) -> None:
@@ -12,7 +13,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, draft: bool = True) 
     if draft:
         parser.add_argument(
             "--draft", default=None,
-            help="draft checkpoint directory or hub repo id owner/name[@revision], 'prompt-lookup' (model-free n-gram drafts) or 'none' (plain AR); default: "
+            help="draft checkpoint directory or hub repo id owner/name[@revision], a built-in draft of the built-in target "
+                 "('dspark', 'dflash', 'eagle3'), 'prompt-lookup' (model-free n-gram drafts) or 'none' (plain AR); default: "
                  "the built-in DSpark draft with the built-in target, plain AR with --target",
         )
         parser.add_argument("--draft-length", type=int, default=None, help="draft tokens per round K (default: block size)")
@@ -40,6 +42,7 @@ def resolve_dtype(name: str) -> str:
 
 
 PROMPT_LOOKUP = "prompt-lookup"
+BUILTIN_DRAFTS = ("dspark", "dflash", "eagle3")  # `--draft NAME`: dspark_jax.assets.<NAME>_DRAFT
 
 
 def draft_choice(args):
@@ -57,6 +60,8 @@ def draft_choice(args):
         return None
     if str(value).lower() == PROMPT_LOOKUP:
         return PROMPT_LOOKUP
+    if str(value).lower() in BUILTIN_DRAFTS and not Path(value).exists():  # a directory of that name wins
+        return getattr(assets, f"{str(value).upper()}_DRAFT")
     return resolve_checkpoint(value, "--draft")
 
 
