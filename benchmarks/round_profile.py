@@ -89,8 +89,8 @@ def run(batch_sizes, repetitions, K, temperature, top_p):
         state = spec.start_jit(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
         args = (target.graphdef, target.params, draft.graphdef, draft.params, state)
 
-        def call(piece):
-            return jax.block_until_ready(_piece(*args, piece=piece, K=K, capacity=shapes["capacity"]))
+        def call(piece, args=args, capacity=shapes["capacity"]):
+            return jax.block_until_ready(_piece(*args, piece=piece, K=K, capacity=capacity))
 
         for piece in PIECES:
             call(piece)

@@ -63,7 +63,7 @@ def measure(target, draft, batch_sizes, repetitions, new_tokens, K, label):
         for name in ("fixed", "auto"):
             assert warm[name].tokens == warm["AR"].tokens, f"{label} batch {B}: {name} output differs from AR"
         times = {name: [] for name in fns}
-        for rep in range(repetitions):
+        for _ in range(repetitions):
             for name, fn in fns.items():
                 t0 = time.perf_counter()
                 fn()
@@ -132,7 +132,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    md = [f"# AR vs fixed vs auto (scheduled) speculative decoding\n",
+    md = ["# AR vs fixed vs auto (scheduled) speculative decoding\n",
           f"Built-in target + DSpark draft, float32, greedy, K={args.draft_length}, up to {args.new_tokens} new tokens, "
           f"held-out prompts (odd half), {args.repetitions} interleaved repetitions. Machine: "
           f"{results['machine'].get('cpu_model', '')} ({results['machine'].get('cpu_cores', '')} cores), load average "

@@ -56,9 +56,6 @@ def test_sts_recovers_a_known_temperature_and_cuts_ece():
 
 
 def test_collect_and_write_on_a_small_pair(tmp_path):
-    import jax
-
-    import dspark_jax as dj
     from dspark_jax.config import RopeConfig
     from dspark_jax.models.qwen3 import Qwen3Config
     from dspark_jax.testing import synthetic
@@ -80,7 +77,6 @@ def test_collect_and_write_on_a_small_pair(tmp_path):
     assert loaded.temperatures == pytest.approx(calib.temperatures, rel=1e-5)
     assert json.loads(path.read_text())["report"]["rounds_heldout"] == report["rounds_heldout"]
     assert "| position |" in cal.markdown(report)
-    del jax
 
 
 def test_bad_calibration_file_is_refused(tmp_path):

@@ -16,7 +16,6 @@ from dspark_jax.engine import schedule as sched
 from dspark_jax.engine import verify as verify_mod
 from dspark_jax.engine.sampling import row_keys
 
-
 _schedule = jax.jit(sched.prefix_schedule, static_argnames=("early_stop",))
 
 

@@ -23,8 +23,8 @@ from flax import nnx
 
 from dspark_jax.engine import decode, sampling
 from dspark_jax.engine import schedule as sched
-from dspark_jax.engine.schedule import ScheduleParams
 from dspark_jax.engine.decode import Requests
+from dspark_jax.engine.schedule import ScheduleParams
 from dspark_jax.engine.verify import is_stop, verify
 from dspark_jax.layers import stack
 

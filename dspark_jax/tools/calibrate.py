@@ -43,7 +43,6 @@ def ece(pred, label) -> float:
     if pred.size == 0:
         return float("nan")
     b = np.clip(np.floor(pred * ECE_BINS).astype(int), 0, ECE_BINS - 1)
-    count = np.bincount(b, minlength=ECE_BINS)
     sp = np.bincount(b, pred, minlength=ECE_BINS)
     sl = np.bincount(b, label, minlength=ECE_BINS)
     return float(np.sum(np.abs(sp - sl)) / pred.size)
