@@ -124,7 +124,8 @@ def test_end_to_end_greedy(case, run_index):
     K = run["max_proposal_tokens"]
     samples = run["samples"]
     result = dj.generate(target, draft, [s["prompt"] for s in samples], max_new_tokens=run["max_new_tokens"],
-                         temperature=run["temperature"], stop_token_ids=run["stop_token_ids"] or [], draft_length=K)
+                         temperature=run["temperature"], stop_token_ids=run["stop_token_ids"] or [], draft_length=K,
+                         schedule="fixed")  # the reference's rounds
     stats = result.stats
     proposals = []
     for i, s in enumerate(samples):

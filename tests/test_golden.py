@@ -116,6 +116,7 @@ def test_end_to_end_greedy(case):
             confidence_threshold=run["confidence_threshold"],
             stop_token_ids=run["stop_token_ids"] or [],
             draft_length=run["max_proposal_tokens"],
+            schedule="fixed",  # the reference's rounds: whole blocks or the threshold prefix
         )
         stats = result.stats
         for i, s in enumerate(samples):
