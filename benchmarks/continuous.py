@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--inflated-slots", default="16", help="slot counts run on the cost-inflated target")
     p.add_argument("--repetitions", type=int, default=2)
     p.add_argument("--inflate-mb", type=float, default=200.0, help="0 skips the cost-inflated target")
+    p.add_argument("--inflated-only", action="store_true", help="only the cost-inflated target")
+    p.add_argument("--tag", default="", help="suffix of the result files (continuous{tag}.json/.md)")
     p.add_argument("--schedule", default="fixed", choices=("fixed", "auto"))
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
         f"{min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f})")
     slots = [int(x) for x in args.slots.split(",")]
     args.inflated_slots = [int(x) for x in args.inflated_slots.split(",")]
-    targets = [("built-in", target, draft)]
+    targets = [] if args.inflated_only else [("built-in", target, draft)]
     if args.inflate_mb > 0:
         big = bench.inflate_target(target, args.inflate_mb)
         targets.append((f"cost-inflated (+{args.inflate_mb:.0f} MB)", big, bench.retarget_draft(draft, big)))
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
               "settings": vars(args) | {"out": None}, "rows": rows, "batch_one": single}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "continuous.json").write_text(json.dumps(report, indent=1))
+    (out / f"continuous{args.tag}.json").write_text(json.dumps(report, indent=1))
     lines = [
         "# Continuous vs static batching (benchmarks/continuous.py)", "",
         f"Machine: {machine['cpu_model']} x{machine['cpu_cores']}; load average at start {machine['load_average']}, at end "
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
     for r in single:
         lines.append(f"| {r['target']} | {r['batch1_tok_s']:.1f} | {r['continuous_tok_s']:.1f} | {r['ratio']:.2f}x | "
                      f"{r['identical_answers']} |")
-    (out / "continuous.md").write_text("\n".join(lines) + "\n")
+    (out / f"continuous{args.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

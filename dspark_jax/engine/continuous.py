@@ -107,12 +107,26 @@ def batch_axes(init: Callable[[int], Any]):
 
 
 def take_rows(tree, axes, rows):
-    return jax.tree.map(lambda x, a: jnp.take(x, rows, axis=a, mode="clip"), tree, axes)
+    """The rows `rows` (distinct, in range) of every leaf, each as a `dynamic_slice` along its batch axis
+    (row copies: a gather or scatter over a whole cache is slow on XLA:CPU)."""
+    def take(x, a):
+        parts = [jax.lax.dynamic_slice_in_dim(x, rows[i], 1, axis=a) for i in range(rows.shape[0])]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=a)
+
+    return jax.tree.map(take, tree, axes)
 
 
-def put_rows(tree, axes, rows, values):
-    """Scatter `values` (batch `len(rows)`) into `tree` at `rows`; a row index out of range is dropped."""
-    return jax.tree.map(lambda x, a, v: x.at[(slice(None),) * a + (rows,)].set(v, mode="drop"), tree, axes, values)
+def put_rows(tree, axes, rows, values, keep):
+    """Write row `i` of `values` back at `rows[i]` (distinct, in range) where `keep[i]`; elsewhere the row is
+    left as it was."""
+    def put(x, a, v):
+        for i in range(rows.shape[0]):
+            new = jax.lax.dynamic_slice_in_dim(v, i, 1, axis=a)
+            old = jax.lax.dynamic_slice_in_dim(x, rows[i], 1, axis=a)
+            x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(keep[i], new, old), rows[i], axis=a)
+        return x
+
+    return jax.tree.map(put, tree, axes, values)
 
 
 def _row_fields(state, kind: Kind) -> dict:
@@ -164,8 +178,8 @@ def prefill(kind: Kind, s: Slots, *, queue: Requests, lanes: int, chunk: int, ax
     num_valid = jnp.where(on, jnp.clip(req.prompt_lens - at, 0, chunk), 0)
     caches = tuple(getattr(s.state, f) for f in kind.cache_fields)
     hidden, rows = kind.chunk(take_rows(caches, axes, lane_slots), tokens, at, num_valid)
-    target_rows = jnp.where(on, lane_slots, B)  # idle lanes write nothing back
-    caches = put_rows(caches, axes, target_rows, rows)
+    caches = put_rows(caches, axes, lane_slots, rows, on)  # idle lanes write nothing back
+    target_rows = jnp.where(on, lane_slots, B)
 
     last = req.prompt_lens - 1 - at  # the prompt's last position, if it lies in this chunk
     ends = on & (last < chunk)

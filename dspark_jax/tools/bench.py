@@ -422,5 +422,12 @@ def inflate_target(target, megabytes: float, *, seed: int = 0):
 
 
 def retarget_draft(draft, target):
-    """`draft` declared for `target`'s layer count (for a cost-inflated target, whose extra layers come last)."""
-    return dataclasses.replace(draft, config=dataclasses.replace(draft.config, num_target_layers=target.config.num_layers))
+    """`draft` declared for `target`'s layer count (for a cost-inflated target, whose extra layers come last):
+    its config, and the module's own, which `check_target` reads."""
+    from flax import nnx
+
+    from dspark_jax.layers.params import Init
+
+    config = dataclasses.replace(draft.config, num_target_layers=target.config.num_layers)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: type(draft.module)(config, Init(nnx.Rngs(0), draft.dtype))))
+    return dataclasses.replace(draft, config=config, graphdef=graphdef)
