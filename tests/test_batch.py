@@ -313,11 +313,13 @@ def test_bf16_resumed_job_equals_the_uninterrupted_one(pair, env, prompts_file, 
     assert "batch_size: 4 there, 2 now" in proc.err
 
 
-def test_every_prompt_runs_in_the_same_batch_whatever_the_resume_point(pair, prompts_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_every_prompt_runs_in_the_same_batch_whatever_the_resume_point(pair, prompts_file, tmp_path, monkeypatch, batching):
     """The batch plan does not depend on what is already answered: from every resume point, each prompt is
     generated in a `generate` call with exactly the arguments (batch mates, order, settings, hence program shapes)
     it had in the uninterrupted job. This is what makes a bf16 resume equal an uninterrupted job, checked here on
-    the calls themselves, since on CPU bf16 logits hardly vary with the batch shape."""
+    the calls themselves, since on CPU bf16 logits hardly vary with the batch shape. Static batches of `width`
+    rows; continuous windows of `WINDOW_SLOTS` x slots prompts (slots chosen so that 12 prompts make 2 windows)."""
     import dspark_jax as dj
     from dspark_jax.engine.generation import GenerationResult
     from dspark_jax.tools import batch
@@ -335,18 +337,22 @@ def test_every_prompt_runs_in_the_same_batch_whatever_the_resume_point(pair, pro
 
     monkeypatch.setattr(dj, "generate", spy)
     inputs = batch.read_prompts(prompts_file)
-    settings = batch.Settings(max_new_tokens=12, temperature=0.9, seed=5)
-    job = batch.fingerprint(inputs, pair[0], None, "bfloat16", settings, batch_size=5)
+    settings = batch.Settings(max_new_tokens=12, temperature=0.9, seed=5, batching=batching)
+    size = 5 if batching == "static" else 1
+    per_call = size * (1 if batching == "static" else batch.WINDOW_SLOTS)
+    assert per_call == {"static": 5, "continuous": 8}[batching]
+    job = batch.fingerprint(inputs, pair[0], None, "bfloat16", settings, batch_size=size)
 
     def run(out):
         calls.clear()
         with batch.AnswerFile.open(out, job) as answers:
-            batch.run(target, None, inputs.prompts, answers, settings, batch_size=5, progress=False)
+            batch.run(target, None, inputs.prompts, answers, settings, batch_size=size, progress=False)
         return list(calls)
 
     full_out = tmp_path / "full.jsonl"
     full_calls = run(full_out)
-    assert len(full_calls) == 3  # 12 prompts in batches of 5: 5, 5, 2 + 3 fillers
+    # static: 12 prompts in batches of 5: 5, 5, 2 + 3 fillers; continuous: windows of 8 and 4
+    assert len(full_calls) == {"static": 3, "continuous": 2}[batching]
     reference = full_out.read_bytes()
     lines = reference.splitlines(keepends=True)
     for done in range(1, len(PROMPTS)):
@@ -354,5 +360,5 @@ def test_every_prompt_runs_in_the_same_batch_whatever_the_resume_point(pair, pro
         out.write_bytes(b"".join(lines[:done]))
         out.with_name(out.name + ".job.json").write_bytes(full_out.with_name(full_out.name + ".job.json").read_bytes())
         resumed_calls = run(out)
-        assert resumed_calls == full_calls[done // 5 :], f"resumed after {done}: different batches"
+        assert resumed_calls == full_calls[done // per_call :], f"resumed after {done}: different batches"
         assert out.read_bytes() == reference, f"resumed after {done}"
