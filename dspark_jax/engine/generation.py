@@ -387,7 +387,7 @@ def _generate_batched(target, draft, prompts, mode, B, *, prefill_chunk, unroll_
     results = {k: to_host(v) for k, v in job.results.items()}
     wall = time.perf_counter() - t0
     tokens, reasons = _finish(results["out"], results["count"], token_lists, to_host(queue.max_new)[:n], stops)
-    paid = int(job.rounds_run) * slots["slots"]
+    paid = int(to_host(job.rounds_run)) * slots["slots"]
     if draft is None:
         return GenerationResult(tokens=tokens, stats=_ar_stats(results["count"][:n], tokens, reasons, wall, paid))
     return GenerationResult(tokens=tokens, stats=_spec_stats(results, n, tokens, reasons, K, wall, paid))

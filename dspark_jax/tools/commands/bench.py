@@ -238,8 +238,8 @@ def run(args) -> int:
         eagle3_dir = None
     elif args.eagle3 is not None:
         eagle3_dir = Path(args.eagle3)
-    else:
-        eagle3_dir = assets.EAGLE3_DRAFT if (assets.EAGLE3_DRAFT / "config.json").exists() else None
+    else:  # the built-in EAGLE-3 draft serves the built-in target only
+        eagle3_dir = assets.EAGLE3_DRAFT if args.target is None and (assets.EAGLE3_DRAFT / "config.json").exists() else None
 
     for flag, given, path in (("--target", args.target, target_dir), ("--draft", args.draft, draft_dir)):
         if given is None and not path.is_dir():
