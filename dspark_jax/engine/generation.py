@@ -362,6 +362,7 @@ def _generate_batched(target, draft, prompts, mode, B, *, prefill_chunk, unroll_
         row_ids = inputs.row_ids(settings.pop("row_ids"), n)
         ids = list(range(n)) if row_ids is None else list(row_ids)
         per_row = {k: settings.pop(k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "confidence_threshold")}
+        inputs.settings(n, **per_row)  # errors name the whole request's sizes, not one group's
         parts, t0 = [], time.perf_counter()
         for lo in range(0, n, B):
             group = {k: (v[lo: lo + B] if np.ndim(v) else v) for k, v in per_row.items()}
