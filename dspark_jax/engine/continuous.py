@@ -3,7 +3,7 @@
 Every slot owns one batch row of the target cache and of the proposer state. A loop iteration:
 
 1. **admit**: every free slot takes the next waiting prompt of the device-resident queue (`[N, T]` padded
-   prompts); its per-row state is reset to "not decoding";
+   prompts, admitted longest first); its per-row state is reset to "not decoding";
 2. **prefill**: the slots that are still prefilling run their next chunk of `chunk` prompt positions
    (their rows are gathered out of the caches, run as a `[lanes, chunk]` block at their own offsets, and
    scattered back), so a prompt costs its own length, never the longest prompt's bucket; a slot whose prompt
@@ -153,11 +153,20 @@ def start(kind: Kind, queue: Requests, slots: int) -> Slots:
                  results, zero, zero)
 
 
-def admit(s: Slots, queue: Requests, num_prompts: jax.Array) -> Slots:
-    """Free slots take the next waiting prompts, in slot order."""
+def admission_order(queue: Requests, num_prompts: jax.Array) -> jax.Array:
+    """Queue indices longest prompt first (ties in queue order): slots running at the same time hold prompts
+    of similar length, so attention, which reads a cache only up to the longest live row
+    (layers/attention.py), pays for lengths close to each slot's own; and the longest answers start first."""
+    N = queue.prompt_lens.shape[0]
+    return jnp.argsort(jnp.where(jnp.arange(N) < num_prompts, -queue.prompt_lens, 1), stable=True).astype(jnp.int32)
+
+
+def admit(s: Slots, queue: Requests, num_prompts: jax.Array, order: jax.Array) -> Slots:
+    """Free slots take the next waiting prompts of `order`, in slot order."""
     free = s.phase == FREE
-    index = s.waiting + jnp.cumsum(free) - 1
-    take = free & (index < num_prompts)
+    rank = s.waiting + jnp.cumsum(free) - 1
+    take = free & (rank < num_prompts)
+    index = order[jnp.clip(rank, 0, order.shape[0] - 1)]
     req = _where_rows(take, jax.tree.map(lambda x: x[jnp.clip(index, 0, x.shape[0] - 1)], queue), s.state.req)
     state = dataclasses.replace(s.state, req=req, lengths=jnp.where(take, 0, s.state.lengths))
     return dataclasses.replace(
@@ -173,7 +182,7 @@ def prefill(kind: Kind, s: Slots, *, queue: Requests, lanes: int, chunk: int, ax
     lane_slots = jnp.argsort(jnp.where(prefilling, 0, B) + jnp.arange(B))[:lanes]  # prefilling slots first
     on = prefilling[lane_slots]
     req = jax.tree.map(lambda x: x[lane_slots], s.state.req)
-    at = s.filled[lane_slots]
+    at = jnp.where(on, s.filled[lane_slots], 0)  # an idle lane reads nothing (attention's used extent)
     tokens = jax.vmap(lambda row, o: jax.lax.dynamic_slice_in_dim(row, o, chunk))(req.tokens, at)
     num_valid = jnp.where(on, jnp.clip(req.prompt_lens - at, 0, chunk), 0)
     caches = tuple(getattr(s.state, f) for f in kind.cache_fields)
@@ -211,7 +220,9 @@ def retire(kind: Kind, s: Slots) -> Slots:
     N = s.results["count"].shape[0]
     index = jnp.where(finished, s.prompt, N)
     results = jax.tree.map(lambda r, x: r.at[index].set(x, mode="drop"), s.results, _row_fields(s.state, kind))
-    return dataclasses.replace(s, results=results, phase=jnp.where(finished, FREE, s.phase))
+    # a free slot holds no length, so it does not widen the cache extent attention reads for the live ones
+    state = dataclasses.replace(s.state, lengths=jnp.where(finished, 0, s.state.lengths))
+    return dataclasses.replace(s, state=state, results=results, phase=jnp.where(finished, FREE, s.phase))
 
 
 def lane_widths(slots: int) -> tuple[int, ...]:
@@ -237,8 +248,10 @@ def run(kind: Kind, queue: Requests, num_prompts: jax.Array, *, slots: int, chun
         waiting = jnp.sum(s.phase == PREFILL)
         return jax.lax.switch(jnp.searchsorted(jnp.asarray(widths), waiting), branches, s)
 
+    order = admission_order(queue, num_prompts)
+
     def body(s):
-        s = admit(s, queue, num_prompts)
+        s = admit(s, queue, num_prompts, order)
         s = jax.lax.cond(jnp.any(s.phase == PREFILL), prefill_some, lambda s: s, s)
         s = jax.lax.cond(jnp.any((s.phase == DECODE) & ~s.state.done), lambda s: advance(kind, s), lambda s: s, s)
         return retire(kind, s)

@@ -82,7 +82,7 @@ class Gemma4Attention(nnx.Module):
             q = apply_rope(rms_norm_fp32(linear(x, self.q_proj[...]), self.q_norm[...], self.eps), cos, sin)
             k, v = self.keys_values(x, cos, sin) if shared is None else shared
         with jax.named_scope("attend"):
-            out = attention(q, [*parts, (k, v, fresh_mask)], 1.0)
+            out = attention(q, parts, (k, v, fresh_mask), 1.0)
             out = linear(out, self.o_proj[...], in_dims=2)
         return out, k, v
 

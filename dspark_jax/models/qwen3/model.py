@@ -63,7 +63,7 @@ class Qwen3Attention(nnx.Module):
             q = apply_rope(rms_norm(q, self.q_norm[...], self.eps), cos, sin)
             k, v = self.keys_values(x, cos, sin)
         with jax.named_scope("attend"):
-            out = attention(q, [*parts, (k, v, fresh_mask)], self.scale)
+            out = attention(q, parts, (k, v, fresh_mask), self.scale)
             out = linear(out, self.o_proj[...], in_dims=2)
             if self.bias:
                 out = out + self.o_bias[...]

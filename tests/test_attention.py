@@ -1,0 +1,77 @@
+"""The shared attention (layers/attention.py) against a NumPy softmax written here, for caches longer than
+`EXTENT_BLOCK`: the cut to the used extent (docs/caches.md §10) must not change any output, whichever ladder
+size the mask selects, for linear caches, a wrapped ring and a batch whose rows use different extents."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dspark_jax.layers import kv_cache
+from dspark_jax.layers.attention import EXTENT_BLOCK, attention, extent_sizes
+
+B, T, N, G, H = 2, 3, 4, 2, 8
+
+
+def reference(q, parts):
+    """Grouped-query softmax attention over the concatenated parts, in float64."""
+    q = np.asarray(q, np.float64)
+    ks = np.concatenate([np.asarray(k, np.float64) for k, _, _ in parts], axis=1)
+    vs = np.concatenate([np.asarray(v, np.float64) for _, v, _ in parts], axis=1)
+    mask = np.concatenate([np.asarray(m) for _, _, m in parts], axis=2)
+    out = np.zeros(q.shape)
+    for n in range(N):
+        g = n // (N // G)
+        s = np.einsum("bth,bsh->bts", q[:, :, n], ks[:, :, g]) * H**-0.5
+        s = np.where(mask, s, -1e30)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out[:, :, n] = np.einsum("bts,bsh->bth", p, vs[:, :, g])
+    return out
+
+
+def random_parts(S, lengths, window=None, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(B, T, N, H)).astype(np.float32)
+    k = rng.normal(size=(B, S, G, H)).astype(np.float32)
+    v = rng.normal(size=(B, S, G, H)).astype(np.float32)
+    fk = rng.normal(size=(B, T, G, H)).astype(np.float32)
+    fv = rng.normal(size=(B, T, G, H)).astype(np.float32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    q_pos = lengths[:, None] + jnp.arange(T)[None, :]
+    cached = (k, v, kv_cache.cached_mask(q_pos, lengths, S, window))
+    own = (fk, fv, kv_cache.block_mask(B, T, causal=True, window=window))
+    return q, cached, own
+
+
+def test_ladder():
+    assert extent_sizes(EXTENT_BLOCK + 1) == (EXTENT_BLOCK, EXTENT_BLOCK + 1)
+    assert extent_sizes(5 * EXTENT_BLOCK) == (EXTENT_BLOCK, 2 * EXTENT_BLOCK, 4 * EXTENT_BLOCK, 5 * EXTENT_BLOCK)
+
+
+@pytest.mark.parametrize("lengths", [(0, 0), (5, 1), (5, EXTENT_BLOCK + 3), (700, 40), (999, 998), (1000, 1000)])
+def test_linear_cache_any_extent(lengths):
+    S = 1000
+    q, cached, own = random_parts(S, lengths)
+    got = jax.jit(lambda q, c, o: attention(q, [c], o, H**-0.5))(q, cached, own)
+    want = reference(q, [cached, own])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("lengths", [(100, 20), (600, 900), (5000, 30)])
+def test_ring_buffer_wrapped_or_not(lengths):
+    """A sliding-window ring of 520 slots (window 512): before it wraps the cut applies; after, every slot."""
+    q, cached, own = random_parts(520, lengths, window=512, seed=1)
+    got = jax.jit(lambda q, c, o: attention(q, [c], o, H**-0.5))(q, cached, own)
+    np.testing.assert_allclose(np.asarray(got), reference(q, [cached, own]), rtol=2e-5, atol=2e-5)
+
+
+def test_two_cached_parts_of_different_lengths():
+    """Several cached parts (a cache and an injected context) share one ladder index and stay exact."""
+    q, (k, v, m), own = random_parts(1000, (300, 12), seed=2)
+    q2, (k2, v2, m2), _ = random_parts(300, (290, 7), seed=3)
+    parts = [(k, v, m), (k2, v2, m2)]
+    got = jax.jit(lambda q, p, o: attention(q, p, o, H**-0.5))(q, parts, own)
+    np.testing.assert_allclose(np.asarray(got), reference(q, [*parts, own]), rtol=2e-5, atol=2e-5)
