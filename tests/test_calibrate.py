@@ -55,6 +55,80 @@ def test_sts_recovers_a_known_temperature_and_cuts_ece():
     assert rates[0] == pytest.approx(np.mean(cond[:, 0]), abs=0.02)
 
 
+def _rounds_from_model(rng, n_prompts, rounds_per_prompt, K, true_t, stop_rate=0.0):
+    """Synthetic rounds: confidence logits, and acceptances drawn from `sigmoid(l_k / true_t_k)` sequentially
+    (a draft is only verified once all before it were accepted), with the stop-token truncation of the
+    reference (an accepted stop at index e: a = e + 1, later positions unverified)."""
+    N = n_prompts * rounds_per_prompt
+    logits = rng.normal(0.8, 1.5, (N, K))
+    accept = rng.uniform(size=(N, K)) < 1.0 / (1.0 + np.exp(-logits / np.asarray(true_t)))
+    accepted = np.argmin(np.concatenate([accept, np.zeros((N, 1), bool)], axis=1), axis=1)  # first rejection
+    stop_at = np.where(rng.uniform(size=N) < stop_rate, rng.integers(0, K, N), K)
+    terminated = stop_at < accepted
+    accepted = np.where(terminated, stop_at + 1, accepted)
+    prompt = np.repeat(np.arange(n_prompts), rounds_per_prompt)
+    return {"logits": logits, "accepted": accepted, "terminated": terminated, "prompt": prompt}
+
+
+def test_prefix_labels_are_non_increasing_and_match_the_accepted_count():
+    rng = np.random.default_rng(3)
+    K = 7
+    data = _rounds_from_model(rng, 50, 20, K, [1.0] * K, stop_rate=0.2)
+    y, mask = cal.labels(data["accepted"], data["terminated"], K)
+    assert np.all(np.diff(y, axis=1) <= 0)  # y_k = 1 iff drafts 1..k all accepted: once 0, 0 for good
+    assert np.array_equal(y.sum(axis=1), data["accepted"])
+    # a round with an accepted stop counts only its accepted positions, all labelled 1
+    t = data["terminated"]
+    assert np.any(t) and np.array_equal(mask[t].sum(axis=1), data["accepted"][t]) and np.all(y[t][mask[t]] == 1)
+    assert np.all(mask[~t])
+    surv = cal.survival_rates(y, mask)
+    assert all(a >= b for a, b in zip(surv, surv[1:]))
+    # conditional rates multiply up to the observed survival when no row stops
+    y0, m0 = cal.labels(data["accepted"][~t], data["terminated"][~t], K)
+    cond = cal.acceptance_rates(data["accepted"][~t], m0, K)
+    assert np.allclose(np.cumprod(cond), cal.survival_rates(y0, m0))
+
+
+def test_ece_floor_of_one_bin_is_the_binomial_mean_absolute_deviation():
+    from math import comb
+
+    n, p = 40, 0.3  # every prediction in one bin: floor = E|Binomial(n, p) / n - p|
+    exact = sum(comb(n, j) * p ** j * (1 - p) ** (n - j) * abs(j / n - p) for j in range(n + 1))
+    assert cal.ece_floor(np.full(n, p), draws=20000) == pytest.approx(exact, rel=0.03)
+    assert cal.ece_floor(np.full(1000, 1.0 - 1e-9)) < 1e-6  # certain predictions: no noise
+
+
+def test_sts_reaches_the_noise_floor_on_held_out_prompts():
+    """End to end from rounds: a confidence head miscalibrated by a known temperature per position. After STS
+    the held-out ECE of every position's survival must be near the floor, a fraction of the ECE before."""
+    rng = np.random.default_rng(1)
+    K, true_t = 5, np.array([2.0, 0.5, 3.0, 1.0, 0.7])
+    data = _rounds_from_model(rng, 400, 100, K, true_t, stop_rate=0.05)
+    calib, report = cal.fit_and_report(data, True)
+    held_prompts = np.unique(data["prompt"][data["prompt"] % 2 == 1])
+    assert report["rounds_heldout"] == 100 * len(held_prompts) and report["rounds_fit"] == 40000 - report["rounds_heldout"]
+    assert np.allclose(calib.temperatures, true_t, rtol=0.25), calib.temperatures
+    b, a = report["before"], report["after"]
+    for k in range(K):
+        assert a["ece"][k] < 2.0 * a["ece_floor"][k] + 0.003, (k, a["ece"], a["ece_floor"])
+        assert abs(a["mean_pred"][k] - report["survival_heldout"][k]) < 0.01
+    # (miscalibrations of successive positions can partly cancel in the survival before STS: compare means)
+    assert a["ece"][0] < 0.25 * b["ece"][0] and np.mean(a["ece"]) < 0.3 * np.mean(b["ece"]), (b["ece"], a["ece"])
+    assert all(x >= y for x, y in zip(report["survival_heldout"], report["survival_heldout"][1:]))
+    md = cal.markdown(report)
+    assert "floor" in md and "| 5 |" in md
+
+
+def test_sts_fits_left_to_right_with_earlier_temperatures_fixed():
+    """Position 2's head is calibrated (T = 1) and position 1's is not: the survival at 2 multiplies in
+    position 1's calibrated confidence, so position 2 must come out at 1 once T_1 is fitted."""
+    rng = np.random.default_rng(2)
+    K, true_t = 2, np.array([3.0, 1.0])
+    data = _rounds_from_model(rng, 200, 100, K, true_t)
+    temps = cal.fit_temperatures(data["logits"], *cal.labels(data["accepted"], data["terminated"], K))
+    assert temps[0] == pytest.approx(3.0, rel=0.2) and temps[1] == pytest.approx(1.0, rel=0.2), temps
+
+
 def test_collect_and_write_on_a_small_pair(tmp_path):
     from dspark_jax.config import RopeConfig
     from dspark_jax.models.qwen3 import Qwen3Config
@@ -77,6 +151,9 @@ def test_collect_and_write_on_a_small_pair(tmp_path):
     assert loaded.temperatures == pytest.approx(calib.temperatures, rel=1e-5)
     assert json.loads(path.read_text())["report"]["rounds_heldout"] == report["rounds_heldout"]
     assert "| position |" in cal.markdown(report)
+    assert report["sampling_temperature"] == 1.0  # the default: what the confidence head predicts
+    surv = [x for x in report["survival_fit"] if np.isfinite(x)]
+    assert all(a >= b for a, b in zip(surv, surv[1:]))
 
 
 def test_bad_calibration_file_is_refused(tmp_path):
@@ -96,5 +173,19 @@ def test_shipped_calibrations():
     assert dspark is not None and len(dspark.temperatures) == 7
     assert dflash is not None and dflash.temperatures is None and len(dflash.acceptance) == 7
     report = json.loads((assets.DSPARK_DRAFT / sched.CALIBRATION_FILE).read_text())["report"]
-    # on the held-out prompts STS lowers the mean ECE over positions
-    assert np.mean(report["after"]["ece"]) < np.mean(report["before"]["ece"])
+    # rounds sampled at temperature 1, what the confidence head predicts (docs/algorithm.md §4.3)
+    assert report["sampling_temperature"] == 1.0
+    assert report["rounds_heldout"] >= 10000  # a noise floor near 1 %
+    surv = report["survival_heldout"]
+    assert all(a >= b for a, b in zip(surv, surv[1:]))  # prefix survival: non-increasing in k
+    # no temperature pinned to an edge of the grid [0.1, 10]
+    assert all(0.11 < t < 9.0 for t in dspark.temperatures), dspark.temperatures
+    # on the held-out prompts STS cuts every position's ECE to a fraction of before, near the noise floor
+    before, after = report["before"], report["after"]
+    for k in range(7):
+        assert after["ece"][k] < 0.6 * before["ece"][k] and after["ece"][k] < 0.035, (k, before["ece"], after["ece"])
+        assert after["ece"][k] < 5.0 * after["ece_floor"][k], (k, after["ece"], after["ece_floor"])
+    assert np.mean(after["ece"]) < 0.4 * np.mean(before["ece"])
+    flash = json.loads((assets.DFLASH_DRAFT / sched.CALIBRATION_FILE).read_text())["report"]
+    assert flash["sampling_temperature"] == 1.0 and flash["rounds_heldout"] >= 10000
+    assert all(e < 0.03 for e in flash["after"]["ece"])  # the rate product predicts the mean survival

@@ -6,8 +6,14 @@ It decodes prompts with full blocks (threshold 0, fixed schedule), records per r
 accepted stop token are left out), splits the prompts into a fitting half and a held-out half, fits one
 temperature per position left to right on the fitting half (minimum 20-bin ECE of the cumulative survival,
 grid of 200 log-spaced values in [0.1, 10]), and reports per-position ECE, AUROC and Brier before and after
-on the held-out half. A draft without a confidence head gets only the per-position conditional acceptance
-rates. Writes `calibration.json` next to the draft (`engine.schedule.load_calibration` reads it).
+on the held-out half, with the ECE noise floor (the expected ECE of a perfectly calibrated predictor with the
+same predictions and count). A draft without a confidence head gets only the per-position conditional
+acceptance rates. Writes `calibration.json` next to the draft (`engine.schedule.load_calibration` reads it).
+
+Rounds are sampled at temperature 1 by default: the confidence head is trained on the soft label
+`1 - TV(p_d, p_t)`, the acceptance probability of rejection sampling at temperature 1 (docs/algorithm.md
+§4.3). Under greedy decoding acceptance is an argmax match, a different quantity that one temperature per
+position cannot map the confidences onto.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ ECE_BINS = 20
 AUC_BINS = 1000
 GRID = np.exp(np.linspace(np.log(0.1), np.log(10.0), 200))
 CLAMP = 1e-8
+DEFAULT_TEMPERATURE = 1.0  # sampling temperature of the calibration rounds (see the module docstring)
+FLOOR_DRAWS = 200
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -56,6 +64,21 @@ def ece_grid(pred, label) -> np.ndarray:
     sp = np.bincount(b.ravel(), pred.ravel(), minlength=G * ECE_BINS).reshape(G, ECE_BINS)
     sl = np.bincount(b.ravel(), np.broadcast_to(label, (G, N)).ravel(), minlength=G * ECE_BINS).reshape(G, ECE_BINS)
     return np.sum(np.abs(sp - sl), axis=1) / max(N, 1)
+
+
+def ece_floor(pred, draws: int = FLOOR_DRAWS, seed: int = 0) -> float:
+    """The ECE noise floor: mean `ece` of labels drawn from Bernoulli(pred) itself (a perfectly calibrated
+    predictor with these predictions), over `draws` draws. It shrinks like sqrt(occupied bins / n)."""
+    pred = _clamped(pred)
+    N = pred.size
+    if N == 0:
+        return float("nan")
+    b = np.clip(np.floor(pred * ECE_BINS).astype(int), 0, ECE_BINS - 1)
+    sp = np.bincount(b, pred, minlength=ECE_BINS)
+    lab = np.random.default_rng(seed).uniform(size=(draws, N)) < pred[None, :]
+    flat = (b[None, :] + ECE_BINS * np.arange(draws)[:, None]).ravel()
+    sl = np.bincount(flat, lab.ravel().astype(np.float64), minlength=draws * ECE_BINS).reshape(draws, ECE_BINS)
+    return float(np.mean(np.sum(np.abs(sp[None, :] - sl), axis=1)) / N)
 
 
 def auroc(pred, label) -> float:
@@ -109,6 +132,12 @@ def survival(logits: np.ndarray, temps) -> np.ndarray:
     return np.cumprod(1.0 / (1.0 + np.exp(-logits / np.asarray(temps)[None, :])), axis=1)
 
 
+def survival_rates(y: np.ndarray, mask: np.ndarray) -> list[float]:
+    """Observed prefix survival per position, `mean y_k` over the positions that count. Non-increasing in k: the
+    rows a stop leaves out of position k had `y_{k-1} = 1`."""
+    return [float(np.mean(y[mask[:, k], k])) if np.any(mask[:, k]) else float("nan") for k in range(y.shape[1])]
+
+
 def acceptance_rates(accepted: np.ndarray, mask: np.ndarray, K: int) -> list[float]:
     """Per-position conditional acceptance `P(draft k accepted | drafts < k accepted)`."""
     out = []
@@ -121,8 +150,10 @@ def acceptance_rates(accepted: np.ndarray, mask: np.ndarray, K: int) -> list[flo
 def per_position(pred: np.ndarray, y: np.ndarray, mask: np.ndarray) -> dict[str, list[float]]:
     K = y.shape[1]
     cols = [(pred[mask[:, k], k], y[mask[:, k], k]) for k in range(K)]
-    return {"ece": [ece(p, t) for p, t in cols], "auroc": [auroc(p, t) for p, t in cols],
-            "brier": [brier(p, t) for p, t in cols], "count": [int(len(t)) for _, t in cols]}
+    return {"ece": [ece(p, t) for p, t in cols], "ece_floor": [ece_floor(p) for p, _ in cols],
+            "auroc": [auroc(p, t) for p, t in cols], "brier": [brier(p, t) for p, t in cols],
+            "mean_pred": [float(np.mean(p)) if p.size else float("nan") for p, _ in cols],
+            "count": [int(len(t)) for _, t in cols]}
 
 
 # ------------------------------------------------------------------------------------------- collection
@@ -144,7 +175,8 @@ def _round(target_graph, target_params, proposer_graph, proposer_params, state, 
     return new, conf, accepted, terminated, active
 
 
-def collect(target, draft, prompts, *, max_new_tokens: int = 128, batch_size: int = 16, temperature: float = 0.0,
+def collect(target, draft, prompts, *, max_new_tokens: int = 128, batch_size: int = 16,
+            temperature: float = DEFAULT_TEMPERATURE,
             seed: int = 0, log=print) -> dict[str, np.ndarray]:
     """Decode `prompts` (token lists) with full blocks; -> per round: confidence logits `[N, K]`, accepted
     drafts `[N]`, stop flags `[N]`, prompt index `[N]`."""
@@ -173,17 +205,31 @@ def collect(target, draft, prompts, *, max_new_tokens: int = 128, batch_size: in
 
 
 def calibrate(target, draft, prompts, *, heldout_every: int = 2, log=print, **kwargs) -> tuple[sched.Calibration, dict]:
-    """Collect rounds, fit on prompts whose index is not a multiple of... (every `heldout_every`-th prompt,
-    starting at 1, is held out), and measure before / after on the held-out ones. -> (calibration, report)."""
+    """Collect rounds, fit on the prompts not held out (every `heldout_every`-th prompt, starting at index 1,
+    is held out), and measure before / after on the held-out ones. -> (calibration, report)."""
     data = collect(target, draft, prompts, log=log, **kwargs)
+    cal, report = fit_and_report(data, bool(draft.module.has_confidence), heldout_every=heldout_every)
+    report["sampling_temperature"] = float(kwargs.get("temperature", DEFAULT_TEMPERATURE))
+    report["max_new_tokens"] = int(kwargs.get("max_new_tokens", 128))
+    report["prompts"] = len(prompts)
+    return cal, report
+
+
+def fit_and_report(data: dict, has_conf: bool, *, heldout_every: int = 2) -> tuple[sched.Calibration, dict]:
+    """STS fit and report from collected rounds (`collect`'s arrays); whole prompts are either fitted on or held
+    out, never both."""
     K = data["logits"].shape[1]
     y, mask = labels(data["accepted"], data["terminated"], K)
     held = data["prompt"] % heldout_every == 1
     fit = ~held
-    has_conf = bool(draft.module.has_confidence)
+    if not np.any(fit) or not np.any(held):
+        raise ValueError("calibrate needs rounds from both fitting and held-out prompts")
     acc = acceptance_rates(data["accepted"][fit], mask[fit], K)
     report = {"rounds_fit": int(fit.sum()), "rounds_heldout": int(held.sum()), "K": K,
-              "acceptance_fit": acc, "acceptance_heldout": acceptance_rates(data["accepted"][held], mask[held], K)}
+              # conditional P(draft k accepted | drafts < k accepted): need not be monotone in k
+              "acceptance_fit": acc, "acceptance_heldout": acceptance_rates(data["accepted"][held], mask[held], K),
+              # observed prefix survival mean y_k: non-increasing in k
+              "survival_fit": survival_rates(y[fit], mask[fit]), "survival_heldout": survival_rates(y[held], mask[held])}
     if has_conf:
         temps = fit_temperatures(data["logits"][fit], y[fit], mask[fit])
         report["before"] = per_position(survival(data["logits"][held], [1.0] * K), y[held], mask[held])
@@ -232,21 +278,47 @@ def _finite(x):
 
 
 def markdown(report: dict) -> str:
+    """The report as markdown: a settings line, the per-position held-out table, the rates the scheduler reads."""
     K = report["K"]
-    lines = [f"rounds: {report['rounds_fit']} fitting, {report['rounds_heldout']} held out", ""]
+    f = lambda x: "nan" if x is None or not np.isfinite(x) else f"{x:.4f}"  # noqa: E731
+    settings = [f"rounds: {report['rounds_fit']} fitting, {report['rounds_heldout']} held out"]
+    if "prompts" in report:
+        settings.append(f"{report['prompts']} prompts (every other one held out)")
+    if "sampling_temperature" in report:
+        settings.append(f"sampling temperature {report['sampling_temperature']:g}, "
+                        f"max_new_tokens {report['max_new_tokens']}, full blocks (threshold 0)")
+    lines = ["; ".join(settings), ""]
+    if report.get("command"):
+        lines = [f"Run (from the repository root): `{report['command']}`", ""] + lines
     if "before" in report:
-        lines += ["| position | T | ECE before | ECE after | AUROC before | AUROC after | Brier before | Brier after | n |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["Held-out prompts. `survival`: observed prefix survival `mean y_k`; `pred`: mean predicted survival; "
+                  "`floor`: expected ECE of a perfectly calibrated predictor with the after-STS predictions and this n.",
+                  "",
+                  "| position | T | survival | pred before | pred after | ECE before | ECE after | floor | AUROC before "
+                  "| AUROC after | Brier before | Brier after | n |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         b, a = report["before"], report["after"]
         for k in range(K):
-            lines.append(f"| {k + 1} | {report['temperatures'][k]:.3g} | {b['ece'][k]:.4f} | {a['ece'][k]:.4f} | "
-                         f"{b['auroc'][k]:.4f} | {a['auroc'][k]:.4f} | {b['brier'][k]:.4f} | {a['brier'][k]:.4f} | {a['count'][k]} |")
+            lines.append(f"| {k + 1} | {report['temperatures'][k]:.3g} | {f(report['survival_heldout'][k])} | "
+                         f"{f(b['mean_pred'][k])} | {f(a['mean_pred'][k])} | {f(b['ece'][k])} | {f(a['ece'][k])} | "
+                         f"{f(a['ece_floor'][k])} | {f(b['auroc'][k])} | {f(a['auroc'][k])} | {f(b['brier'][k])} | "
+                         f"{f(a['brier'][k])} | {a['count'][k]} |")
+        lines += ["", f"mean over positions: ECE before {f(np.mean(b['ece']))}, after {f(np.mean(a['ece']))}, "
+                      f"floor {f(np.mean(a['ece_floor']))}", ""]
+        lines += ["Conditional acceptance `P(draft k accepted | drafts < k accepted)` (the scheduler's prior; need not "
+                  "be monotone):", "", "| position | fit | held out |", "|---|---|---|"]
+        for k in range(K):
+            lines.append(f"| {k + 1} | {f(report['acceptance_fit'][k])} | {f(report['acceptance_heldout'][k])} |")
     else:
         a = report["after"]
-        lines += ["| position | acceptance (fit) | acceptance (held out) | ECE of the rate product | Brier | n |", "|---|---|---|---|---|---|"]
+        lines += ["Conditional acceptance `P(draft k accepted | drafts < k accepted)`; the survival predicted for the "
+                  "held-out rounds is the product of the fitted rates up to k.", "",
+                  "| position | acceptance (fit) | acceptance (held out) | survival (held out) | predicted survival "
+                  "| ECE | floor | Brier | n |", "|---|---|---|---|---|---|---|---|---|"]
         for k in range(K):
-            lines.append(f"| {k + 1} | {report['acceptance_fit'][k]:.4f} | {report['acceptance_heldout'][k]:.4f} | "
-                         f"{a['ece'][k]:.4f} | {a['brier'][k]:.4f} | {a['count'][k]} |")
+            lines.append(f"| {k + 1} | {f(report['acceptance_fit'][k])} | {f(report['acceptance_heldout'][k])} | "
+                         f"{f(report['survival_heldout'][k])} | {f(a['mean_pred'][k])} | {f(a['ece'][k])} | "
+                         f"{f(a['ece_floor'][k])} | {f(a['brier'][k])} | {a['count'][k]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -283,10 +355,35 @@ def add_arguments(parser):
     parser.add_argument("--num-prompts", type=int, default=None, help="use at most this many prompts in all")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                        help="sampling temperature of the calibration rounds (default 1: what the confidence head "
+                             "predicts; docs/algorithm.md §4.3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-rounds", default=None, help="also save the collected rounds here (.npz)")
     parser.add_argument("--no-chat", action="store_true", help="feed the first turn as raw text")
     parser.add_argument("--output", default=None, help="directory for calibration.json (default: the draft's)")
     parser.add_argument("--report", default=None, help="also write the report (markdown, JSON, reliability PNG) here")
+    parser.add_argument("--report-prefix", default="", help="file name prefix of the report files (e.g. 'dspark_')")
+
+
+def command_line() -> str:
+    """The command as run, for the report: the arguments as given (pass relative paths to keep it portable),
+    less `--save-rounds` (a scratch output)."""
+    import shlex
+    import sys
+
+    if sys.argv[1:2] != ["calibrate"]:
+        return ""
+    argv, kept = sys.argv[2:], []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--save-rounds":
+            skip = True
+        elif not a.startswith("--save-rounds="):
+            kept.append(a)
+    return "dspark-jax calibrate " + " ".join(shlex.quote(a) for a in kept)
 
 
 def run(args) -> int:
@@ -305,15 +402,21 @@ def run(args) -> int:
     prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
     if len(prompts) < 2:
         raise InputError("calibrate needs at least 2 prompts (half are held out)")
-    cal, report = calibrate(target, draft, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            temperature=args.temperature)
+    data = collect(target, draft, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                   temperature=args.temperature, seed=args.seed)
+    if args.save_rounds:
+        np.savez(args.save_rounds, **data)
+    cal, report = fit_and_report(data, bool(draft.module.has_confidence))
+    report.update(sampling_temperature=float(args.temperature), max_new_tokens=int(args.max_new_tokens),
+                  prompts=len(prompts), command=command_line())
     path = write(args.output or draft.directory, cal, report)
     print(markdown(report))
     print(f"wrote {path}")
     if args.report:
         out = Path(args.report)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "calibration.md").write_text(markdown(report))
-        (out / "calibration.json").write_text(json.dumps(_finite(report), indent=1) + "\n")
-        reliability_plot(out / "reliability.png", report)
+        pre = args.report_prefix
+        (out / f"{pre}calibration.md").write_text(markdown(report))
+        (out / f"{pre}calibration.json").write_text(json.dumps(_finite(report), indent=1) + "\n")
+        reliability_plot(out / f"{pre}reliability.png", report)
     return 0
