@@ -2,9 +2,9 @@
 
 A mixed job (prompts of 1 to 300 tokens, budgets of 1 to 128 tokens, stop tokens that really fire) runs
 through fewer slots than prompts, so slots are refilled while others decode: in fp32 greedy its answers
-equal one static batch of every prompt, static groups, and batch-1 slots, with the built-in DSpark pair,
-plain AR, prompt lookup, EAGLE-3 and DeepSeek MTP proposers, and a Gemma 4 target whose sliding ring is
-shorter than the prompts. Sampled answers do not depend on the slot count; the job is one compiled program
+equal one static batch of every prompt, static groups, and batch-1 slots, with the built-in DSpark pair and
+plain AR; with `-m slow` also prompt lookup, EAGLE-3 and DeepSeek MTP proposers, and a Gemma 4 target whose
+sliding ring is shorter than the prompts. Sampled answers do not depend on the slot count; the job is one compiled program
 whatever prompts enter and leave.
 """
 
@@ -111,6 +111,7 @@ def _tiny_qwen3():
     return CFG, random_target()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("proposer", ["prompt_lookup", "eagle3", "mtp"])
 def test_other_proposers(proposer):
     if proposer == "mtp":
@@ -131,6 +132,7 @@ def test_other_proposers(proposer):
     assert dj.generate(target, draft, prompts, max_new_tokens=budgets, stop_token_ids=[], batch_size=2).tokens == plain
 
 
+@pytest.mark.slow
 def test_gemma4_sliding_ring_shorter_than_prompts():
     from test_gemma4_spec import CFG, DRAFT_CFG, WINDOW, random_target
 
@@ -153,3 +155,21 @@ def test_slot_axes_follow_the_contracts(builtin):
     assert set(jax.tree.leaves(axes)) == {1}  # stacked [layers, batch, slots, heads, dim]
     proposer = nnx.merge(draft.graphdef, draft.params)
     assert jax.tree.leaves(continuous.batch_axes(lambda b: proposer.init_state(b, 64)))
+
+
+def test_capacity_axes_cut_linear_caches_only(builtin):
+    """The round runs on a prefix view of every linear cache (docs/caches.md §10): the capacity axis is found
+    from shapes; a ring buffer (Gemma 4 sliding layers) is never cut."""
+    target, draft = builtin
+    model = nnx.merge(target.graphdef, target.params)
+    proposer = nnx.merge(draft.graphdef, draft.params)
+    kind = continuous.speculative(model, proposer, 7, 600, 100)
+    assert set(jax.tree.leaves(continuous.capacity_axes(kind))) == {2}  # [layers, batch, slots, heads, dim]
+
+    from test_gemma4_spec import WINDOW, random_target
+
+    gemma = nnx.merge(*(lambda t: (t.graphdef, t.params))(random_target()))
+    axes = continuous.capacity_axes(continuous.autoregressive(gemma, 600, 100))
+    sizes = [leaf.shape[a] for leaf, a in zip(jax.tree.leaves(gemma.init_cache(1, 600)), jax.tree.leaves(axes)) if a >= 0]
+    assert sizes and set(sizes) == {600}
+    assert -1 in jax.tree.leaves(axes) and WINDOW < 600  # the sliding layers' rings stay whole

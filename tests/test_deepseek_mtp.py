@@ -131,6 +131,7 @@ def test_drafts_equal_transformers_mtp_across_ragged_rounds(case):
         lengths = lengths + accepted + 1
 
 
+@pytest.mark.slow
 def test_bfloat16_speculative_run(case):
     """bf16 target and MTP module (XLA:CPU kernels included) run speculative rounds end to end."""
     target = dj.load_target(case["dir"], dtype="bfloat16")

@@ -68,7 +68,7 @@ def arms():
     return arms, plain
 
 
-@pytest.mark.parametrize("K", [1, 3, 7])
+@pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow), 7])  # K=3 runs with -m slow
 @pytest.mark.parametrize("kind", ["random", "oracle", "mixed"])
 def test_greedy_speculative_equals_plain_greedy(arms, kind, K):
     models, plain = arms
@@ -126,7 +126,8 @@ def sampling_setup(tmp_path_factory):
     return hf, target, drafts
 
 
-@pytest.mark.parametrize("kind,K", [("full", 1), ("full", 4), ("reduced", 3)])
+@pytest.mark.parametrize("kind,K", [pytest.param("full", 1, marks=pytest.mark.slow), ("full", 4),
+                                    pytest.param("reduced", 3, marks=pytest.mark.slow)])
 def test_speculative_sampling_matches_target(sampling_setup, kind, K):
     """Same bound and method as tests/test_spec_sampling.py: TV excess over the sampling noise <= 0.01 and a
     chi-square goodness-of-fit test, against transformers' processed target distribution."""
@@ -197,6 +198,7 @@ def _subset(ref, size=96, seed=0):
     return np.array(sorted(needed | set(rest[: size - len(needed)])), np.int64)
 
 
+@pytest.mark.slow  # tests/test_eagle3_golden.py replays the golden schedule in the default run
 def test_reduced_layout_reproduces_the_golden_schedule(golden, tmp_path):
     """Same weights as the golden draft, head restricted to a draft vocabulary: logits of kept tokens, hidden
     states and drafts are the reference's; dropped tokens get no probability."""

@@ -109,6 +109,7 @@ def test_training_lowers_loss_keeps_embeddings_and_exports(tiny):
     assert dj.generate(target, loaded, prompts, max_new_tokens=12, stop_token_ids=[]).tokens == plain
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_reproduces_the_run(tiny):
     target, root = tiny
     full_trainer = DraftTrainer(_recipe(root, "full", eval_cache=None), target=target)

@@ -23,10 +23,12 @@ import pytest
 
 PROMPTS = [
     {"prompt": f"Question {i}: what is {i} plus {3 * i}?", **({"temperature": 1.1, "id": f"q{i}"} if i % 5 == 0 else {})}
-    for i in range(24)
+    for i in range(48)
 ]
 COMMON = ["--draft", "none", "--max-new-tokens", "12", "--temperature", "0.7", "--seed", "3", "--dtype", "float32",
-          "--batch-size", "4", "--no-progress"]
+          "--batch-size", "2", "--no-progress"]
+# continuous batching writes a window of 8 x --batch-size prompts at a time: 48 prompts make three windows of 16,
+# so a kill after the first window lands mid-job
 PEER_TIMEOUT = 15  # seconds; short for the test, long enough for a starved heartbeat thread on a busy machine
 
 
@@ -124,7 +126,7 @@ def test_two_processes_write_one_file_equal_to_a_one_process_run(work, reference
     run_job(work, out, "two")
     assert {json.dumps(r["id"]) for r in lines_of(out)} == expected_ids()
     assert out.read_bytes() == reference.read_bytes()
-    assert "24 answered now, 0 already answered" in log_text(work, "two", 0)
+    assert f"{len(PROMPTS)} answered now, 0 already answered" in log_text(work, "two", 0)
     assert "process 1 of 2: done" in log_text(work, "two", 1)
     assert not (work / "two_processes.jsonl.1").exists() and len(list(work.glob("two_processes.jsonl*"))) == 2  # + sidecar
 
@@ -155,14 +157,14 @@ def wait_for_lines(procs, out: Path, n: int, timeout=300) -> None:
 def test_both_processes_killed_then_restarted_answer_every_prompt_once(work, reference):
     out = work / "killed_both.jsonl"
     procs = start_job(work, out, "killed_both")
-    wait_for_lines(procs, out, 4)
+    wait_for_lines(procs, out, 1)
     for p in procs:
         p.send_signal(signal.SIGKILL)
     assert [p.wait(timeout=60) for p in procs] == [-signal.SIGKILL] * 2
     written = out.read_bytes()
     complete = written[: written.rfind(b"\n") + 1]
     done_before = complete.count(b"\n")
-    assert 4 <= done_before < len(PROMPTS), "the job finished before it could be killed"
+    assert 1 <= done_before < len(PROMPTS), "the job finished before it could be killed"
     assert reference.read_bytes().startswith(complete)
     run_job(work, out, "killed_both_resumed")
     assert f"{len(PROMPTS) - done_before} answered now, {done_before} already answered" in log_text(work, "killed_both_resumed", 0)

@@ -70,7 +70,7 @@ PROMPTS = [[3, 9, 27, 3, 9, 27, 3, 9], _chain(5, 12) + [5], [101], _chain(40, 20
 NEW = 28
 
 
-@pytest.mark.parametrize("K", [1, 3, 7])
+@pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow), 7])  # K=3 runs with -m slow
 @pytest.mark.parametrize("kind", ["random", "bigram"])
 def test_greedy_prompt_lookup_equals_plain_greedy(targets, kind, K):
     target = targets[kind]
@@ -114,7 +114,7 @@ def tiny(tmp_path_factory):
     return hf, dj.load_target(directory, dtype="float32")
 
 
-@pytest.mark.parametrize("K", [3, 7])
+@pytest.mark.parametrize("K", [pytest.param(3, marks=pytest.mark.slow), 7])
 def test_prompt_lookup_sampling_matches_target(tiny, K):
     """Sampled decoding with prompt lookup follows the exact processed target distribution (same bounds as
     test_spec_sampling: TV excess over the exact sampler's noise floor <= 0.01, pooled chi-square p > 1e-4)."""

@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
     return hf, target, draft
 
 
-@pytest.mark.parametrize("K", [1, 3, 7])
+@pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow), 7])  # K=3 runs with -m slow
 def test_speculative_sampling_matches_target(setup, K):
     hf, target, draft = setup
     rng = np.random.default_rng(K)

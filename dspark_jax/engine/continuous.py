@@ -11,8 +11,8 @@ Every slot owns one batch row of the target cache and of the proposer state. A l
 3. **round**: one speculative round (or AR step) for the decoding slots, while other slots keep prefilling;
 4. **retire**: slots that finished copy their tokens and statistics into the job's results and become free.
 
-Steps 2 and 3 run under `lax.cond`, so an iteration with nothing to prefill (or nothing decoding) skips that
-work. Nothing here reads past the target and proposer contracts: a cache or proposer state is any pytree
+Steps 2 and 3 run as loops of zero or one trips (`at_most_once`), so an iteration with nothing to prefill (or
+nothing decoding) skips that work without copying the caches. Nothing here reads past the target and proposer contracts: a cache or proposer state is any pytree
 whose leaves each have one batch axis, found by comparing the shapes of `init_cache(1)` and `init_cache(2)`.
 
 A slot is reused without clearing its rows: "write ahead, commit by length" (docs/caches.md §2) means a row
@@ -34,6 +34,7 @@ from flax import nnx
 
 from dspark_jax.engine import decode, sampling, spec
 from dspark_jax.engine.decode import Requests
+from dspark_jax.layers.attention import extent_sizes
 
 FREE, PREFILL, DECODE = 0, 1, 2
 
@@ -43,6 +44,9 @@ class Kind(NamedTuple):
 
     cache_fields: tuple[str, ...]  # the state's opaque per-row caches
     init_caches: Callable[[int], tuple]  # batch -> empty caches
+    init_sized: Callable[[int, int], tuple]  # (batch, capacity) -> empty caches (their shapes tell the capacity axes)
+    capacity: int
+    round_block: int  # positions a round writes past `lengths` (K + 1, or 1 for an AR step)
     chunk: Callable  # (caches, tokens [P, C], at [P], num_valid [P]) -> (hidden [P, C, D], caches)
     begin: Callable  # (caches, first [B], req) -> state
     round: Callable  # state -> state
@@ -55,9 +59,13 @@ def speculative(target, proposer, K: int, capacity: int, out_len: int, schedule=
         hidden, cache, features = target(tokens, at, cache, capture=proposer.feature_indices, num_valid=num_valid)
         return hidden, (cache, proposer.extend(state, tokens, features, at))
 
+    sized = lambda b, c: (target.init_cache(b, c, max_block=K + 1), proposer.init_state(b, c))
     return Kind(
         cache_fields=("target_cache", "proposer_state"),
-        init_caches=lambda b: (target.init_cache(b, capacity, max_block=K + 1), proposer.init_state(b, capacity)),
+        init_caches=lambda b: sized(b, capacity),
+        init_sized=sized,
+        capacity=capacity,
+        round_block=K + 1,
         chunk=chunk,
         begin=lambda caches, first, req: spec.begin(*caches, first, req, out_len),
         round=lambda s: spec.step(target, proposer, s, K, capacity, schedule=schedule),
@@ -70,9 +78,13 @@ def autoregressive(model, capacity: int, out_len: int) -> Kind:
         hidden, cache, _ = model(tokens, at, caches[0], num_valid=num_valid)
         return hidden, (cache,)
 
+    sized = lambda b, c: (model.init_cache(b, c, max_block=1),)
     return Kind(
         cache_fields=("cache",),
-        init_caches=lambda b: (model.init_cache(b, capacity, max_block=1),),
+        init_caches=lambda b: sized(b, capacity),
+        init_sized=sized,
+        capacity=capacity,
+        round_block=1,
         chunk=chunk,
         begin=lambda caches, first, req: decode.begin(caches[0], first, req, out_len),
         round=lambda s: decode.step(model, s),
@@ -207,11 +219,50 @@ def prefill(kind: Kind, s: Slots, *, queue: Requests, lanes: int, chunk: int, ax
     return dataclasses.replace(s, state=state, filled=filled, phase=jnp.where(started, DECODE, s.phase))
 
 
-def advance(kind: Kind, s: Slots) -> Slots:
-    """One round for the decoding slots (every other slot is `done`, so the round leaves it alone)."""
+def capacity_axes(kind: Kind):
+    """The capacity axis of every cache leaf (-1: its size does not depend on the capacity, like a ring
+    buffer), found from shapes at capacities `C`, `C + 1` and `2C`; None when some leaf grows with the
+    capacity but not as a linear cache does (a compressed cache), so no leaf may be cut."""
+    C = kind.capacity
+    a, b, c = (jax.eval_shape(lambda n=n: kind.init_sized(1, n)) for n in (C, C + 1, 2 * C))
+
+    def axis(x, y, z):
+        diff = [i for i, (p, q) in enumerate(zip(x.shape, y.shape)) if p != q]
+        if not diff and x.shape == z.shape:
+            return -1
+        if len(diff) == 1 and (x.shape[diff[0]], y.shape[diff[0]], z.shape[diff[0]]) == (C, C + 1, 2 * C):
+            return diff[0]
+        return None
+
+    axes = jax.tree.map(axis, a, b, c)
+    return None if any(x is None for x in jax.tree.leaves(axes, is_leaf=lambda x: x is None)) else axes
+
+
+def _cut(caches, axes, size: int):
+    return jax.tree.map(lambda x, a: x if a < 0 else jax.lax.slice_in_dim(x, 0, size, axis=a), caches, axes)
+
+
+def _paste(caches, views, axes):
+    return jax.tree.map(lambda x, v, a: v if a < 0 else jax.lax.dynamic_update_slice_in_dim(x, v, 0, axis=a),
+                        caches, views, axes)
+
+
+def advance(kind: Kind, s: Slots, cap_axes=None, size: int | None = None) -> Slots:
+    """One round for the decoding slots (every other slot is `done`, so the round leaves it alone).
+
+    With `size`, the round runs on the first `size` positions of every linear cache (`cap_axes`), which hold
+    every position a slot reads or writes in it, and pastes them back: the round then moves `size`
+    positions of cache, not the whole capacity (docs/caches.md §10)."""
     live = jnp.sum((s.phase == DECODE) & ~s.state.done)
-    return dataclasses.replace(s, state=kind.round(s.state), rounds_run=s.rounds_run + 1,
-                               live_slot_rounds=s.live_slot_rounds + live)
+    if size is None:
+        state = kind.round(s.state)
+    else:
+        full = tuple(getattr(s.state, f) for f in kind.cache_fields)
+        views = _cut(full, cap_axes, size)
+        state = kind.round(dataclasses.replace(s.state, **dict(zip(kind.cache_fields, views))))
+        pasted = _paste(full, tuple(getattr(state, f) for f in kind.cache_fields), cap_axes)
+        state = dataclasses.replace(state, **dict(zip(kind.cache_fields, pasted)))
+    return dataclasses.replace(s, state=state, rounds_run=s.rounds_run + 1, live_slot_rounds=s.live_slot_rounds + live)
 
 
 def retire(kind: Kind, s: Slots) -> Slots:
@@ -234,26 +285,39 @@ def lane_widths(slots: int) -> tuple[int, ...]:
     return tuple(widths) + (slots,)
 
 
+def at_most_once(pred: jax.Array, fn: Callable, s):
+    """`fn(s)` if `pred` else `s`, as a loop of zero or one trips: XLA updates a loop's carry in place, where a
+    `lax.cond` / `lax.switch` copies every cache it carries (its branches return new buffers), which would cost
+    each iteration the whole capacity (docs/caches.md §10)."""
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros((), bool), fn(c[1])), (pred, s))[1]
+
+
 def run(kind: Kind, queue: Requests, num_prompts: jax.Array, *, slots: int, chunk: int) -> Slots:
     """The whole job: admit, prefill, round, retire until every prompt has finished.
 
     The prefill step runs at the smallest width of `lane_widths(slots)` that holds every slot waiting for
-    its next chunk (`lax.switch`): one refilled slot costs a `[1, chunk]` block, the job's start a
-    `[slots, chunk]` one."""
+    its next chunk: one refilled slot costs a `[1, chunk]` block, the job's start a `[slots, chunk]` one.
+    Prefill and round are skipped when there is nothing for them (`at_most_once`)."""
     axes = batch_axes(kind.init_caches)
     widths = lane_widths(slots)
     branches = [functools.partial(prefill, kind, queue=queue, lanes=w, chunk=chunk, axes=axes) for w in widths]
 
-    def prefill_some(s):
-        waiting = jnp.sum(s.phase == PREFILL)
-        return jax.lax.switch(jnp.searchsorted(jnp.asarray(widths), waiting), branches, s)
-
     order = admission_order(queue, num_prompts)
+    cap_axes = capacity_axes(kind)
+    sizes = (kind.capacity,) if cap_axes is None else extent_sizes(kind.capacity)
 
     def body(s):
         s = admit(s, queue, num_prompts, order)
-        s = jax.lax.cond(jnp.any(s.phase == PREFILL), prefill_some, lambda s: s, s)
-        s = jax.lax.cond(jnp.any((s.phase == DECODE) & ~s.state.done), lambda s: advance(kind, s), lambda s: s, s)
+        waiting = jnp.sum(s.phase == PREFILL)
+        width = jnp.searchsorted(jnp.asarray(widths), waiting)
+        for i, branch in enumerate(branches):
+            s = at_most_once((waiting > 0) & (width == i), branch, s)
+        decoding = jnp.any((s.phase == DECODE) & ~s.state.done)
+        # the round's extent: the furthest position any slot writes (slots not decoding sit below it)
+        reach = jnp.max(s.state.lengths) + kind.round_block
+        size = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), reach), len(sizes) - 1)
+        for i, n in enumerate(sizes):
+            s = at_most_once(decoding & (size == i), functools.partial(advance, kind, cap_axes=cap_axes, size=n), s)
         return retire(kind, s)
 
     busy = lambda s: (s.waiting < num_prompts) | jnp.any(s.phase != FREE)
