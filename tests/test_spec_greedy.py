@@ -56,7 +56,7 @@ def plain(models):
     return plain_greedy(models, PROMPTS, NEW)
 
 
-@pytest.mark.parametrize("K", [1, 3, 7])
+@pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow), 7])  # K=3 runs with -m slow
 @pytest.mark.parametrize("kind", ["random", "oracle", "mixed"])
 def test_greedy_speculative_equals_plain_greedy(models, plain, kind, K):
     target, draft = models[kind]
