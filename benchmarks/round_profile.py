@@ -21,9 +21,7 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -75,6 +73,7 @@ def _piece(tg, tp, pg, pp, state, *, piece, K, capacity):
 def run(batch_sizes, repetitions, K, temperature, top_p):
     import dspark_jax as dj
     from dspark_jax.engine import generation, spec
+    from dspark_jax.tools import bench
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from schedule import prompts_heldout
@@ -89,20 +88,43 @@ def run(batch_sizes, repetitions, K, temperature, top_p):
         state = spec.start_jit(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
         args = (target.graphdef, target.params, draft.graphdef, draft.params, state)
 
-        def call(piece, args=args, capacity=shapes["capacity"]):
-            return jax.block_until_ready(_piece(*args, piece=piece, K=K, capacity=capacity))
-
-        for piece in PIECES:
-            call(piece)
-        times = {p: [] for p in PIECES}
-        for _ in range(repetitions):
-            for piece in PIECES:
-                t0 = time.perf_counter()
-                call(piece)
-                times[piece].append(time.perf_counter() - t0)
-        med = {p: statistics.median(v) for p, v in times.items()}
+        calls = {piece: functools.partial(_piece, *args, piece=piece, K=K, capacity=shapes["capacity"]) for piece in PIECES}
+        med = {p: t.median_s for p, t in bench.interleave(calls, repetitions).items()}
         out[B] = {"ms": {p: 1e3 * v for p, v in med.items()}, "x_ar": {p: v / med["ar_step"] for p, v in med.items()}}
         print(f"batch {B}: " + ", ".join(f"{p} {out[B]['x_ar'][p]:.2f}x" for p in PIECES), file=sys.stderr, flush=True)
+    return out
+
+
+def greedy_path_ab(batch_sizes, repetitions, K):
+    """The lean greedy path against the general one, in one process: the round and the AR step at temperature 0
+    (every row greedy: one-hot distributions, no uniforms, no sampler walk) and at temperature 1e-4 (just above
+    the greedy threshold: the general path, which is what greedy rows paid before the lean change), interleaved.
+    -> per batch: round / AR step for each path."""
+    import dspark_jax as dj
+    from dspark_jax.engine import generation, spec
+    from dspark_jax.tools import bench
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from schedule import prompts_heldout
+
+    target, draft = dj.load_target(dtype="float32"), dj.load_draft(dtype="float32")
+    out = {}
+    for B in batch_sizes:
+        prompts = prompts_heldout(target, B)
+        calls = {}
+        for name, temp in (("lean", 0.0), ("general", 1e-4)):
+            req, _, shapes = generation.build_requests(
+                target, prompts, max_new_tokens=128, temperature=temp, top_k=0, top_p=1.0, seed=0,
+                stop_token_ids=[], confidence_threshold=0.0, extra_capacity=K)
+            state = spec.start_jit(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
+            for piece in ("ar_step", "round"):
+                calls[(name, piece)] = functools.partial(_piece, target.graphdef, target.params, draft.graphdef,
+                                                         draft.params, state, piece=piece, K=K, capacity=shapes["capacity"])
+        med = {k: t.median_s for k, t in bench.interleave(calls, repetitions).items()}
+        out[B] = {"ms": {f"{a} {b}": 1e3 * v for (a, b), v in med.items()},
+                  "round_x_ar": {name: med[(name, "round")] / med[(name, "ar_step")] for name in ("lean", "general")},
+                  "round_x_general_ar": {name: med[(name, "round")] / med[("general", "ar_step")] for name in ("lean", "general")}}
+        print(f"batch {B}: {json.dumps(out[B])}", file=sys.stderr, flush=True)
     return out
 
 
@@ -136,45 +158,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-
-
-def greedy_path_ab(batch_sizes, repetitions, K):
-    """The lean greedy path against the general one, in one process: the round and the AR step at temperature 0
-    (every row greedy: one-hot distributions, no uniforms, no sampler walk) and at temperature 1e-4 (just above
-    the greedy threshold: the general path, which is what greedy rows paid before the lean change), interleaved.
-    -> per batch: round / AR step for each path."""
-    import dspark_jax as dj
-    from dspark_jax.engine import generation, spec
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from schedule import prompts_heldout
-
-    target, draft = dj.load_target(dtype="float32"), dj.load_draft(dtype="float32")
-    out = {}
-    for B in batch_sizes:
-        prompts = prompts_heldout(target, B)
-        calls = {}
-        for name, temp in (("lean", 0.0), ("general", 1e-4)):
-            req, _, shapes = generation.build_requests(
-                target, prompts, max_new_tokens=128, temperature=temp, top_k=0, top_p=1.0, seed=0,
-                stop_token_ids=[], confidence_threshold=0.0, extra_capacity=K)
-            state = spec.start_jit(target.graphdef, target.params, draft.graphdef, draft.params, req, K=K, **shapes)
-            for piece in ("ar_step", "round"):
-                calls[(name, piece)] = functools.partial(
-                    lambda st, piece, cap: jax.block_until_ready(_piece(target.graphdef, target.params, draft.graphdef,
-                                                                         draft.params, st, piece=piece, K=K, capacity=cap)),
-                    state, piece, shapes["capacity"])
-        for fn in calls.values():
-            fn()
-        times = {k: [] for k in calls}
-        for _ in range(repetitions):
-            for k, fn in calls.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        out[B] = {"ms": {f"{a} {b}": 1e3 * v for (a, b), v in med.items()},
-                  "round_x_ar": {name: med[(name, "round")] / med[(name, "ar_step")] for name in ("lean", "general")},
-                  "round_x_general_ar": {name: med[(name, "round")] / med[("general", "ar_step")] for name in ("lean", "general")}}
-        print(f"batch {B}: {json.dumps(out[B])}", file=sys.stderr, flush=True)
-    return out

@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,23 +50,17 @@ def arms(target, draft, prompts, new_tokens, K):
 
 
 def measure(target, draft, batch_sizes, repetitions, new_tokens, K, label):
+    from dspark_jax.tools import bench
+
     rows = []
     for B in batch_sizes:
         prompts = prompts_heldout(target, B)
-        fns = arms(target, draft, prompts, new_tokens, K)
-        warm = {}
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            warm[name] = fn()
-            log(f"{label} batch {B} {name}: first call {time.perf_counter() - t0:.1f} s")
+        log(f"{label} batch {B}:")
+        timings = bench.interleave(arms(target, draft, prompts, new_tokens, K), repetitions, log=log)
+        warm = {name: t.result for name, t in timings.items()}
         for name in ("fixed", "auto"):
             assert warm[name].tokens == warm["AR"].tokens, f"{label} batch {B}: {name} output differs from AR"
-        times = {name: [] for name in fns}
-        for _ in range(repetitions):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+        times = {name: t.times_s for name, t in timings.items()}
         tokens = sum(warm["AR"].stats.num_generated)
         auto = warm["auto"].stats
         props = [n for row in auto.proposal_lengths for n in row]

@@ -66,8 +66,8 @@ def test_three_layer_export_writes_the_widely_used_layout_and_round_trips(tmp_pa
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-
     from safetensors.numpy import load_file
+
     from dspark_jax.proposers import eagle3_checkpoint
     from dspark_jax.proposers.eagle3 import draft_config_for
     from dspark_jax.training.eagle3 import init_from_target

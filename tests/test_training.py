@@ -392,10 +392,10 @@ def test_loss_mask_covers_assistant_turns():
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
 def test_shipped_configs_parse(name):
     """Every recipe in configs/ is accepted by the strict parsers (an unknown key would fail the documented commands)."""
+    import yaml
+
     from dspark_jax.tools.fixture import load_config
     from dspark_jax.training.recipe import load_recipe
-
-    import yaml
 
     path = Path(__file__).parents[1] / "configs" / name
     if "drafts" in yaml.safe_load(path.read_text()):  # a fixture pipeline (build-fixture), not a training recipe
