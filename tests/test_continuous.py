@@ -173,3 +173,28 @@ def test_capacity_axes_cut_linear_caches_only(builtin):
     sizes = [leaf.shape[a] for leaf, a in zip(jax.tree.leaves(gemma.init_cache(1, 600)), jax.tree.leaves(axes)) if a >= 0]
     assert sizes and set(sizes) == {600}
     assert -1 in jax.tree.leaves(axes) and WINDOW < 600  # the sliding layers' rings stay whole
+
+
+def _v4_bigram_target():
+    from test_deepseek_v4_mtp import SPEC_CFG
+
+    from dspark_jax.models.deepseek_v4 import DeepseekV4Config
+    from dspark_jax.testing import mtp_v4
+
+    cfg = DeepseekV4Config(**SPEC_CFG)
+    return mtp_v4.bigram_target(cfg, synthetic.random_permutation_successor(cfg.vocab_size, 5), seed=1)
+
+
+def test_compressed_caches_are_never_cut():
+    """DeepSeek-V4's compressed caches grow with the capacity but not as linear caches: every leaf stays whole."""
+    model = nnx.merge(*(lambda t: (t.graphdef, t.params))(_v4_bigram_target()))
+    axes = continuous.capacity_axes(continuous.autoregressive(model, 600, 100))
+    assert set(jax.tree.leaves(axes)) == {-1}
+
+
+@pytest.mark.slow
+def test_deepseek_v4_target_runs_whole_caches():
+    target = _v4_bigram_target()
+    prompts = [[3, 9, 27], list(range(40, 53)), [5, 6]]
+    plain = dj.generate(target, None, prompts, max_new_tokens=20, stop_token_ids=[]).tokens
+    assert dj.generate(target, None, prompts, max_new_tokens=20, stop_token_ids=[], batch_size=2).tokens == plain

@@ -12,8 +12,9 @@ Every slot owns one batch row of the target cache and of the proposer state. A l
 4. **retire**: slots that finished copy their tokens and statistics into the job's results and become free.
 
 Steps 2 and 3 run as loops of zero or one trips (`at_most_once`), so an iteration with nothing to prefill (or
-nothing decoding) skips that work without copying the caches. Nothing here reads past the target and proposer contracts: a cache or proposer state is any pytree
-whose leaves each have one batch axis, found by comparing the shapes of `init_cache(1)` and `init_cache(2)`.
+nothing decoding) skips that work without copying the caches. Nothing here reads past the target and proposer
+contracts: a cache or proposer state is any pytree whose leaves each have one batch axis, found by comparing
+the shapes of `init_cache(1)` and `init_cache(2)`.
 
 A slot is reused without clearing its rows: "write ahead, commit by length" (docs/caches.md §2) means a row
 only ever reads positions below its `lengths`, and the new prompt's prefill writes every one of those
@@ -43,8 +44,7 @@ class Kind(NamedTuple):
     """How the loop drives one kind of decoding state (`spec.SpecState` or `decode.DecodeState`)."""
 
     cache_fields: tuple[str, ...]  # the state's opaque per-row caches
-    init_caches: Callable[[int], tuple]  # batch -> empty caches
-    init_sized: Callable[[int, int], tuple]  # (batch, capacity) -> empty caches (their shapes tell the capacity axes)
+    init_sized: Callable[[int, int], tuple]  # (batch, capacity) -> empty caches (their shapes tell batch and capacity axes)
     capacity: int
     round_block: int  # positions a round writes past `lengths` (K + 1, or 1 for an AR step)
     chunk: Callable  # (caches, tokens [P, C], at [P], num_valid [P]) -> (hidden [P, C, D], caches)
@@ -62,7 +62,6 @@ def speculative(target, proposer, K: int, capacity: int, out_len: int, schedule=
     sized = lambda b, c: (target.init_cache(b, c, max_block=K + 1), proposer.init_state(b, c))
     return Kind(
         cache_fields=("target_cache", "proposer_state"),
-        init_caches=lambda b: sized(b, capacity),
         init_sized=sized,
         capacity=capacity,
         round_block=K + 1,
@@ -81,7 +80,6 @@ def autoregressive(model, capacity: int, out_len: int) -> Kind:
     sized = lambda b, c: (model.init_cache(b, c, max_block=1),)
     return Kind(
         cache_fields=("cache",),
-        init_caches=lambda b: sized(b, capacity),
         init_sized=sized,
         capacity=capacity,
         round_block=1,
@@ -154,7 +152,7 @@ def _where_rows(mask, new, old):
 def start(kind: Kind, queue: Requests, slots: int) -> Slots:
     """`slots` empty slots over `queue`; every slot starts FREE."""
     B = slots
-    caches = kind.init_caches(B)
+    caches = kind.init_sized(B, kind.capacity)
     req = jax.tree.map(lambda x: x[jnp.zeros((B,), jnp.int32)], queue)
     state = kind.begin(caches, jnp.zeros((B,), jnp.int32), req)
     state = dataclasses.replace(state, done=jnp.ones((B,), bool))
@@ -179,7 +177,7 @@ def admit(s: Slots, queue: Requests, num_prompts: jax.Array, order: jax.Array) -
     rank = s.waiting + jnp.cumsum(free) - 1
     take = free & (rank < num_prompts)
     index = order[jnp.clip(rank, 0, order.shape[0] - 1)]
-    req = _where_rows(take, jax.tree.map(lambda x: x[jnp.clip(index, 0, x.shape[0] - 1)], queue), s.state.req)
+    req = _where_rows(take, jax.tree.map(lambda x: x[index], queue), s.state.req)
     state = dataclasses.replace(s.state, req=req, lengths=jnp.where(take, 0, s.state.lengths))
     return dataclasses.replace(
         s, state=state, prompt=jnp.where(take, index, s.prompt), phase=jnp.where(take, PREFILL, s.phase),
@@ -220,9 +218,9 @@ def prefill(kind: Kind, s: Slots, *, queue: Requests, lanes: int, chunk: int, ax
 
 
 def capacity_axes(kind: Kind):
-    """The capacity axis of every cache leaf (-1: its size does not depend on the capacity, like a ring
-    buffer), found from shapes at capacities `C`, `C + 1` and `2C`; None when some leaf grows with the
-    capacity but not as a linear cache does (a compressed cache), so no leaf may be cut."""
+    """The capacity axis of every cache leaf, -1 for a leaf that stays whole, found from shapes at capacities
+    `C`, `C + 1` and `2C`. A leaf whose size does not depend on the capacity (a ring buffer) stays whole; when
+    some leaf grows with the capacity but not as a linear cache does (a compressed cache), every leaf does."""
     C = kind.capacity
     a, b, c = (jax.eval_shape(lambda n=n: kind.init_sized(1, n)) for n in (C, C + 1, 2 * C))
 
@@ -235,7 +233,9 @@ def capacity_axes(kind: Kind):
         return None
 
     axes = jax.tree.map(axis, a, b, c)
-    return None if any(x is None for x in jax.tree.leaves(axes, is_leaf=lambda x: x is None)) else axes
+    if any(x is None for x in jax.tree.leaves(axes, is_leaf=lambda x: x is None)):
+        return jax.tree.map(lambda _: -1, a)
+    return axes
 
 
 def _cut(caches, axes, size: int):
@@ -247,21 +247,18 @@ def _paste(caches, views, axes):
                         caches, views, axes)
 
 
-def advance(kind: Kind, s: Slots, cap_axes=None, size: int | None = None) -> Slots:
+def advance(kind: Kind, s: Slots, cap_axes, size: int) -> Slots:
     """One round for the decoding slots (every other slot is `done`, so the round leaves it alone).
 
-    With `size`, the round runs on the first `size` positions of every linear cache (`cap_axes`), which hold
-    every position a slot reads or writes in it, and pastes them back: the round then moves `size`
-    positions of cache, not the whole capacity (docs/caches.md §10)."""
+    The round runs on the first `size` positions of every linear cache (`cap_axes`), which hold every
+    position a slot reads or writes in it, and pastes them back: the round then moves `size` positions of
+    cache, not the whole capacity (docs/caches.md §10)."""
     live = jnp.sum((s.phase == DECODE) & ~s.state.done)
-    if size is None:
-        state = kind.round(s.state)
-    else:
-        full = tuple(getattr(s.state, f) for f in kind.cache_fields)
-        views = _cut(full, cap_axes, size)
-        state = kind.round(dataclasses.replace(s.state, **dict(zip(kind.cache_fields, views))))
-        pasted = _paste(full, tuple(getattr(state, f) for f in kind.cache_fields), cap_axes)
-        state = dataclasses.replace(state, **dict(zip(kind.cache_fields, pasted)))
+    full = tuple(getattr(s.state, f) for f in kind.cache_fields)
+    views = _cut(full, cap_axes, size)
+    state = kind.round(dataclasses.replace(s.state, **dict(zip(kind.cache_fields, views))))
+    pasted = _paste(full, tuple(getattr(state, f) for f in kind.cache_fields), cap_axes)
+    state = dataclasses.replace(state, **dict(zip(kind.cache_fields, pasted)))
     return dataclasses.replace(s, state=state, rounds_run=s.rounds_run + 1, live_slot_rounds=s.live_slot_rounds + live)
 
 
@@ -298,13 +295,14 @@ def run(kind: Kind, queue: Requests, num_prompts: jax.Array, *, slots: int, chun
     The prefill step runs at the smallest width of `lane_widths(slots)` that holds every slot waiting for
     its next chunk: one refilled slot costs a `[1, chunk]` block, the job's start a `[slots, chunk]` one.
     Prefill and round are skipped when there is nothing for them (`at_most_once`)."""
-    axes = batch_axes(kind.init_caches)
+    axes = batch_axes(lambda b: kind.init_sized(b, kind.capacity))
     widths = lane_widths(slots)
     branches = [functools.partial(prefill, kind, queue=queue, lanes=w, chunk=chunk, axes=axes) for w in widths]
 
     order = admission_order(queue, num_prompts)
     cap_axes = capacity_axes(kind)
-    sizes = (kind.capacity,) if cap_axes is None else extent_sizes(kind.capacity)
+    cuttable = any(a >= 0 for a in jax.tree.leaves(cap_axes))
+    sizes = extent_sizes(kind.capacity) if cuttable else (kind.capacity,)
 
     def body(s):
         s = admit(s, queue, num_prompts, order)
