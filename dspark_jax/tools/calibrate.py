@@ -57,7 +57,7 @@ def ece(pred, label) -> float:
 
 
 def ece_grid(pred, label) -> np.ndarray:
-    """`ece` of every row of `pred [G, N]` against `label [N]` at once."""
+    """`ece` of every row of `pred [G, N]` against `label` (`[N]`, or `[G, N]`: one label row per row) at once."""
     pred = np.clip(pred, CLAMP, 1.0 - CLAMP)
     G, N = pred.shape
     b = np.clip(np.floor(pred * ECE_BINS).astype(int), 0, ECE_BINS - 1) + ECE_BINS * np.arange(G)[:, None]
@@ -70,15 +70,10 @@ def ece_floor(pred, draws: int = FLOOR_DRAWS, seed: int = 0) -> float:
     """The ECE noise floor: mean `ece` of labels drawn from Bernoulli(pred) itself (a perfectly calibrated
     predictor with these predictions), over `draws` draws. It shrinks like sqrt(occupied bins / n)."""
     pred = _clamped(pred)
-    N = pred.size
-    if N == 0:
+    if pred.size == 0:
         return float("nan")
-    b = np.clip(np.floor(pred * ECE_BINS).astype(int), 0, ECE_BINS - 1)
-    sp = np.bincount(b, pred, minlength=ECE_BINS)
-    lab = np.random.default_rng(seed).uniform(size=(draws, N)) < pred[None, :]
-    flat = (b[None, :] + ECE_BINS * np.arange(draws)[:, None]).ravel()
-    sl = np.bincount(flat, lab.ravel().astype(np.float64), minlength=draws * ECE_BINS).reshape(draws, ECE_BINS)
-    return float(np.mean(np.sum(np.abs(sp[None, :] - sl), axis=1)) / N)
+    labels = np.random.default_rng(seed).uniform(size=(draws, pred.size)) < pred[None, :]
+    return float(np.mean(ece_grid(np.broadcast_to(pred, labels.shape), labels.astype(np.float64))))
 
 
 def auroc(pred, label) -> float:
@@ -204,10 +199,14 @@ def collect(target, draft, prompts, *, max_new_tokens: int = 128, batch_size: in
     return {k: np.concatenate(v) for k, v in rows.items()}
 
 
-def calibrate(target, draft, prompts, *, heldout_every: int = 2, log=print, **kwargs) -> tuple[sched.Calibration, dict]:
-    """Collect rounds, fit on the prompts not held out (every `heldout_every`-th prompt, starting at index 1,
-    is held out), and measure before / after on the held-out ones. -> (calibration, report)."""
+def calibrate(target, draft, prompts, *, heldout_every: int = 2, save_rounds=None, log=print,
+              **kwargs) -> tuple[sched.Calibration, dict]:
+    """Collect rounds (`collect`'s keyword arguments; also saved to `save_rounds` (.npz) if given), fit on the
+    prompts not held out (every `heldout_every`-th prompt, starting at index 1, is held out), and measure
+    before / after on the held-out ones. -> (calibration, report)."""
     data = collect(target, draft, prompts, log=log, **kwargs)
+    if save_rounds:
+        np.savez(save_rounds, **data)
     cal, report = fit_and_report(data, bool(draft.module.has_confidence), heldout_every=heldout_every)
     report["sampling_temperature"] = float(kwargs.get("temperature", DEFAULT_TEMPERATURE))
     report["max_new_tokens"] = int(kwargs.get("max_new_tokens", 128))
@@ -402,13 +401,9 @@ def run(args) -> int:
     prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
     if len(prompts) < 2:
         raise InputError("calibrate needs at least 2 prompts (half are held out)")
-    data = collect(target, draft, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                   temperature=args.temperature, seed=args.seed)
-    if args.save_rounds:
-        np.savez(args.save_rounds, **data)
-    cal, report = fit_and_report(data, bool(draft.module.has_confidence))
-    report.update(sampling_temperature=float(args.temperature), max_new_tokens=int(args.max_new_tokens),
-                  prompts=len(prompts), command=command_line())
+    cal, report = calibrate(target, draft, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            temperature=args.temperature, seed=args.seed, save_rounds=args.save_rounds)
+    report["command"] = command_line()
     path = write(args.output or draft.directory, cal, report)
     print(markdown(report))
     print(f"wrote {path}")
