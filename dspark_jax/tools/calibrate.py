@@ -260,6 +260,7 @@ def _reliability(logits, y, mask, temps) -> dict:
 
 def write(directory, cal: sched.Calibration, report: dict) -> Path:
     path = Path(directory) / sched.CALIBRATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)  # --output may name a new directory
     data = cal.to_json()
     data["report"] = {k: v for k, v in report.items() if k != "reliability"}
     path.write_text(json.dumps(_finite(data), indent=1) + "\n")
