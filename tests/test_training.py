@@ -405,3 +405,26 @@ def test_shipped_configs_parse(name):
     else:
         recipe = load_recipe(path)
         assert recipe.steps > 0 and recipe.draft.target_layer_ids
+
+
+def test_fixture_text_windows_are_line_aligned_train_text_and_reproducible(tmp_path):
+    """The fixture cache stage's plain-text windows (`cache.text_windows`): `text_chars` characters of a train
+    source file, starting at a line, the same draw on every run; files too short for a window are never drawn."""
+    from dspark_jax.tools.fixture import FixtureConfig, Pipeline
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    long_text = "".join(f"line {i}: {'x' * (i % 7)}\n" for i in range(400))
+    (root / "a.py").write_text(long_text)
+    (root / "short.py").write_text("tiny\n")
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "split.json").write_text(json.dumps({"stdlib_root": str(root), "train_files": ["a.py", "short.py"],
+                                                          "heldout_files": [], "prompts": {}}))
+    pipe = Pipeline(FixtureConfig(output_dir=str(out)))
+    windows = pipe._text_windows(20, 300)
+    assert len(windows) == 20 and windows == pipe._text_windows(20, 300)
+    for w in windows:
+        assert 0 < len(w) <= 300 and w in long_text
+        start = long_text.index(w)
+        assert start == 0 or long_text[start - 1] == "\n"

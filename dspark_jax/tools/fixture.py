@@ -12,7 +12,8 @@ Stages (each resumable; a finished stage leaves `<output_dir>/stages/<name>.json
                functions, and the train prompts' text; validation loss on the held-out files. Saved in HF format.
 4. `answers`   the target's own answers to the train and dev prompts (sampled like the reference's regeneration:
                T 0.7, top-p 0.8, top-k 20), as chat JSONL; answers cut by the token budget are dropped.
-5. `cache`     target caches (features of the draft layers + final hidden) of the train and dev conversations.
+5. `cache`     target caches (features of the draft layers + final hidden) of the train and dev conversations, and
+               of `text_windows` plain-text windows of the train source files (train cache only).
 6. `dspark`, `dflash`  the two drafts, each from its recipe in `drafts` (paths filled in by this pipeline).
 7. `ship`      the target and both drafts in bf16 (or `ship_dtype`) plus `fixture.json` (provenance and numbers) and
                `heldout_prompts.jsonl` (the test prompts) into `<output_dir>/ship`, and with `--install` into
@@ -59,7 +60,9 @@ class FixtureConfig:
 
 ANSWER_DEFAULTS = dict(max_new_tokens=192, temperature=0.7, top_p=0.8, top_k=20, batch_size=64,
                        max_prompts_per_set=600, function_prompts=800, dev_function_prompts=48)
-CACHE_DEFAULTS = dict(max_length=512, hidden_dtype="bfloat16", min_loss_tokens=14)
+# text_windows: that many plain-text windows of text_chars characters from the train source files join the train
+# cache (supervised everywhere; 0: answers only). The built-in DSpark / DFlash drafts used 1000 x 1200.
+CACHE_DEFAULTS = dict(max_length=512, hidden_dtype="bfloat16", min_loss_tokens=14, text_windows=0, text_chars=1200)
 TARGET_DEFAULTS = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=768,
                        rope_theta=10000.0, max_position_embeddings=2048, rms_norm_eps=1e-6)
 
@@ -283,6 +286,19 @@ class Pipeline:
             ids = tuple(r.draft.target_layer_ids)
         return ids
 
+    def _text_windows(self, n: int, chars: int) -> list[str]:
+        """`n` windows of `chars` characters of the train source files: a file drawn with probability proportional
+        to its length, a start drawn uniformly and moved back to the start of its line (seeded: reproducible)."""
+        rng = np.random.default_rng(self.cfg.seed + 2)
+        texts = [t for t in (corpus.read_text(p) for p in self._files("train_files")) if t and len(t) > chars]
+        weights = np.asarray([len(t) - chars for t in texts], np.float64)
+        windows = []
+        for i in rng.choice(len(texts), size=n, p=weights / weights.sum()):
+            t = texts[i]
+            start = t.rfind("\n", 0, int(rng.integers(0, len(t) - chars + 1))) + 1
+            windows.append(t[start : start + chars])
+        return windows
+
     def do_cache(self):
         import dspark_jax as dj
         from dspark_jax.training.data import read_jsonl, tokenize_record
@@ -292,14 +308,21 @@ class Pipeline:
         target = dj.load_target(self.target_dir, dtype="float32")
         tok = target.tokenizer
         layer_ids = self._cache_layer_ids()
+        if c["text_windows"]:
+            with open(self.out / "data" / "train_text.jsonl", "w") as f:
+                for w in self._text_windows(c["text_windows"], c["text_chars"]):
+                    f.write(json.dumps({"text": w}) + "\n")
         out = {}
         for name in ("train", "dev"):
-            src = self.out / "data" / f"{name}.jsonl"
-            n = sum(1 for _ in read_jsonl(src))
-            samples = (tokenize_record(tok, r, max_length=c["max_length"]) for r in read_jsonl(src))
+            srcs = [self.out / "data" / f"{name}.jsonl"]
+            if name == "train" and c["text_windows"]:
+                srcs.append(self.out / "data" / "train_text.jsonl")
+            n = sum(1 for s in srcs for _ in read_jsonl(s))
+            samples = (tokenize_record(tok, r, max_length=c["max_length"]) for s in srcs for r in read_jsonl(s))
             cache = build_cache(target, samples, self.out / "cache" / name, target_layer_ids=layer_ids,
                                 hidden_dtype=c["hidden_dtype"], min_loss_tokens=c["min_loss_tokens"], total=n,
-                                metadata={"target_model_name_or_path": str(self.target_dir), "source_jsonl_paths": [str(src)],
+                                metadata={"target_model_name_or_path": str(self.target_dir),
+                                          "source_jsonl_paths": [str(s) for s in srcs],
                                           "max_length": c["max_length"], "chat_template": "fixture (Qwen layout)"})
             out[name] = {"samples": len(cache), "tokens": int(cache.lengths.sum()),
                          "supervised_tokens": int(sum(int(cache[i].loss_mask.sum()) for i in range(len(cache))))}
