@@ -11,7 +11,7 @@ Every slot owns one batch row of the target cache and of the proposer state. A l
 3. **round**: one speculative round (or AR step) for the decoding slots, while other slots keep prefilling;
 4. **retire**: slots that finished copy their tokens and statistics into the job's results and become free.
 
-Steps 2 and 3 run as loops of zero or one trips (`at_most_once`), so an iteration with nothing to prefill (or
+Steps 2 and 3 run as loops of zero or one trips (`decode.at_most_once`), so an iteration with nothing to prefill (or
 nothing decoding) skips that work without copying the caches. Nothing here reads past the target and proposer
 contracts: a cache or proposer state is any pytree whose leaves each have one batch axis, found by comparing
 the shapes of `init_cache(1)` and `init_cache(2)`.
@@ -282,19 +282,12 @@ def lane_widths(slots: int) -> tuple[int, ...]:
     return tuple(widths) + (slots,)
 
 
-def at_most_once(pred: jax.Array, fn: Callable, s):
-    """`fn(s)` if `pred` else `s`, as a loop of zero or one trips: XLA updates a loop's carry in place, where a
-    `lax.cond` / `lax.switch` copies every cache it carries (its branches return new buffers), which would cost
-    each iteration the whole capacity (docs/caches.md §10)."""
-    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros((), bool), fn(c[1])), (pred, s))[1]
-
-
 def run(kind: Kind, queue: Requests, num_prompts: jax.Array, *, slots: int, chunk: int) -> Slots:
     """The whole job: admit, prefill, round, retire until every prompt has finished.
 
     The prefill step runs at the smallest width of `lane_widths(slots)` that holds every slot waiting for
     its next chunk: one refilled slot costs a `[1, chunk]` block, the job's start a `[slots, chunk]` one.
-    Prefill and round are skipped when there is nothing for them (`at_most_once`)."""
+    Prefill and round are skipped when there is nothing for them (`decode.at_most_once`)."""
     axes = batch_axes(lambda b: kind.init_sized(b, kind.capacity))
     widths = lane_widths(slots)
     branches = [functools.partial(prefill, kind, queue=queue, lanes=w, chunk=chunk, axes=axes) for w in widths]
@@ -309,13 +302,13 @@ def run(kind: Kind, queue: Requests, num_prompts: jax.Array, *, slots: int, chun
         waiting = jnp.sum(s.phase == PREFILL)
         width = jnp.searchsorted(jnp.asarray(widths), waiting)
         for i, branch in enumerate(branches):
-            s = at_most_once((waiting > 0) & (width == i), branch, s)
+            s = decode.at_most_once((waiting > 0) & (width == i), branch, s)
         decoding = jnp.any((s.phase == DECODE) & ~s.state.done)
         # the round's extent: the furthest position any slot writes (slots not decoding sit below it)
         reach = jnp.max(s.state.lengths) + kind.round_block
         size = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), reach), len(sizes) - 1)
         for i, n in enumerate(sizes):
-            s = at_most_once(decoding & (size == i), functools.partial(advance, kind, cap_axes=cap_axes, size=n), s)
+            s = decode.at_most_once(decoding & (size == i), functools.partial(advance, kind, cap_axes=cap_axes, size=n), s)
         return retire(kind, s)
 
     busy = lambda s: (s.waiting < num_prompts) | jnp.any(s.phase != FREE)

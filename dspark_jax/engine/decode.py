@@ -49,6 +49,13 @@ class DecodeState:
     req: Requests
 
 
+def at_most_once(pred: jax.Array, fn, s):
+    """`fn(s)` if `pred` else `s`, as a loop of zero or one trips. XLA updates a loop's carry in place, where a
+    `lax.cond` / `lax.switch` copies every cache it carries (its branches return new buffers), which would cost
+    each round the whole cache (docs/caches.md §10). `fn` must return `s`'s structure."""
+    return jax.lax.while_loop(lambda c: c[0], lambda c: (jnp.zeros((), bool), fn(c[1])), (pred, s))[1]
+
+
 def append_tokens(out: jax.Array, count: jax.Array, new: jax.Array, num_new: jax.Array) -> jax.Array:
     """Write the first `num_new[b]` of `new [B, W]` at `out[b, count[b]:]` (excess beyond `O` is dropped)."""
     W = new.shape[1]

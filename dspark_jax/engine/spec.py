@@ -191,6 +191,9 @@ def step(target, proposer, state: SpecState, K: int, capacity: int, *, schedule:
         speculate = (theta_est > R / schedule.verify_cost[0]) & jnp.any(lengths_est > 0)
     B = state.pending.shape[0]
 
+    # Both kinds of round, and each verify budget below, are loops of zero or one trips
+    # (`decode.at_most_once`), not `lax.cond`/`lax.switch`: a branch would return a new copy of every cache
+    # it carries, each round (docs/caches.md §10).
     def ar_round(state):
         drafts = jnp.zeros((B, K), jnp.int32)
         verified = _verify_block(target, proposer, state, drafts, None, jnp.zeros((B,), jnp.int32), 1)
@@ -208,18 +211,27 @@ def step(target, proposer, state: SpecState, K: int, capacity: int, *, schedule:
                 survival = jnp.cumprod(est, axis=1)
             # early stopping: admitting draft k never depends on draft k itself (§4.5)
             lengths, _ = sched.prefix_schedule(survival, live, costs, early_stop=True)
-            scheduled = jnp.where(live, jnp.minimum(lengths, proposal.num_proposed), 0).astype(jnp.int32)
-            which = sched.bucket_index(jnp.max(scheduled) + 1, K)
+            lengths = jnp.where(live, jnp.minimum(lengths, proposal.num_proposed), 0)
+            which = sched.bucket_index(jnp.max(lengths) + 1, K)
+            # the budget is paid for every row: each live row verifies what it holds of its proposal (§4.5)
+            budget = jnp.asarray(sched.buckets(K), jnp.int32)[which] - 1
+            scheduled = jnp.where(live, jnp.minimum(budget, proposal.num_proposed), 0).astype(jnp.int32)
         with jax.named_scope("verify"):
-            branches = [functools.partial(_verify_block, target, proposer, T=t) for t in sched.buckets(K)]
-            verified = jax.lax.switch(which, [lambda s, d, p, n, f=f: f(s, d, p, n) for f in branches],
-                                      state, proposal.tokens, proposal.probs, scheduled)
+            # the carry: the state's caches (updated in place) and the verdict (small)
+            zero = jnp.zeros((B,), jnp.int32)
+            carry = (state.target_cache, state.proposer_state, zero, zero, jnp.zeros((B,), bool))
+            for i, t in enumerate(sched.buckets(K)):
+                def verify_at(c, t=t):
+                    at = dataclasses.replace(state, target_cache=c[0], proposer_state=c[1])
+                    return _verify_block(target, proposer, at, proposal.tokens, proposal.probs, scheduled, t)
+                carry = decode.at_most_once(which == i, verify_at, carry)
         with jax.named_scope("commit"):
-            _, _, accepted, _, _ = verified
+            accepted = carry[2]
             new_est = sched.update_estimate(state.acceptance_estimate, est, schedule.prior, scheduled, accepted, live)
-            return _commit(state, K, capacity, proposal.tokens, scheduled, verified, new_est)
+            return _commit(state, K, capacity, proposal.tokens, scheduled, carry, new_est)
 
-    return jax.lax.cond(speculate, spec_round, ar_round, state)
+    state = decode.at_most_once(speculate, spec_round, state)
+    return decode.at_most_once(~speculate, ar_round, state)
 
 
 def _merge(target_graph, target_params, proposer_graph, proposer_params):
