@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import dspark_jax as dj
-from dspark_jax.engine import sampling
 from dspark_jax.config import SamplingParams
+from dspark_jax.engine import sampling
 from dspark_jax.testing import synthetic
 from dspark_jax.tools import bench
 

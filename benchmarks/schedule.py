@@ -2,7 +2,9 @@
 pair and on its cost-inflated target (issue 17; docs/algorithm.md §4.5).
 
 Prompts: the held-out half of `assets/heldout_prompts.jsonl` that `dspark-jax calibrate` did not fit on (odd
-indices), first turn, chat template; greedy; the built-in DSpark draft (float32). Per batch size every arm is
+indices), first turn, chat template; greedy; the built-in DSpark draft (float32). A batch size `B` below
+`--min-prompts` (8) runs `ceil(8 / B)` calls of `B` distinct prompts per arm, so that batch 1 times eight
+answers, not one answer of a few dozen milliseconds. Per batch size every arm is
 warmed up first (compile; for `auto` the verify-cost profile too, cached on disk), then the arms run
 interleaved (AR, fixed, auto, AR, ...) `--repetitions` times in this one process; tokens/s = generated
 tokens / wall time of the whole `generate` call (prefill included); ratios are medians of per-repetition
@@ -38,31 +40,47 @@ def prompts_heldout(target, n):
     return [ids[i % len(ids)] for i in range(n)]
 
 
-def arms(target, draft, prompts, new_tokens, K):
+def arms(target, draft, groups, new_tokens, K):
+    """Each arm runs every group of prompts as one `generate` call (batch = the group's size), in turn."""
     import dspark_jax as dj
 
     kw = dict(max_new_tokens=new_tokens, draft_length=K)
+    run = lambda **a: [dj.generate(target, a.pop("draft", draft), g, **a) for g in groups]
     return {
-        "AR": lambda: dj.generate(target, None, prompts, max_new_tokens=new_tokens),
-        "fixed": lambda: dj.generate(target, draft, prompts, schedule="fixed", **kw),
-        "auto": lambda: dj.generate(target, draft, prompts, schedule="auto", **kw),
+        "AR": lambda: run(draft=None, max_new_tokens=new_tokens),
+        "fixed": lambda: run(schedule="fixed", **kw),
+        "auto": lambda: run(schedule="auto", **kw),
     }
 
 
-def measure(target, draft, batch_sizes, repetitions, new_tokens, K, label):
+def _merged(results):
+    """One set of statistics for the calls of an arm: per-prompt lists concatenated."""
+    from dspark_jax.engine.generation import GenerationStats
+
+    st = [r.stats for r in results]
+    cat = lambda f: [x for s in st for x in getattr(s, f)]
+    K = len(st[0].prefix_survival)
+    return GenerationStats.from_rounds(cat("acceptance_lengths"), cat("proposal_lengths"), cat("accepted_draft_lengths"),
+                                       cat("num_generated"), cat("finish_reasons"), K, sum(s.wall_time_s for s in st))
+
+
+def measure(target, draft, batch_sizes, repetitions, new_tokens, K, label, min_prompts):
     from dspark_jax.tools import bench
 
     rows = []
     for B in batch_sizes:
-        prompts = prompts_heldout(target, B)
-        log(f"{label} batch {B}:")
-        timings = bench.interleave(arms(target, draft, prompts, new_tokens, K), repetitions, log=log)
-        warm = {name: t.result for name, t in timings.items()}
+        calls = -(-min_prompts // B)  # small batches: several calls, so an arm times more than one short answer
+        prompts = prompts_heldout(target, B * calls)
+        groups = [prompts[i * B:(i + 1) * B] for i in range(calls)]
+        log(f"{label} batch {B} ({calls} call(s) per arm):")
+        timings = bench.interleave(arms(target, draft, groups, new_tokens, K), repetitions, log=log)
+        warm = {name: [x.tokens for x in t.result] for name, t in timings.items()}
         for name in ("fixed", "auto"):
-            assert warm[name].tokens == warm["AR"].tokens, f"{label} batch {B}: {name} output differs from AR"
+            assert warm[name] == warm["AR"], f"{label} batch {B}: {name} output differs from AR"
+        stats = {name: _merged(t.result) for name, t in timings.items()}
         times = {name: t.times_s for name, t in timings.items()}
-        tokens = sum(warm["AR"].stats.num_generated)
-        auto = warm["auto"].stats
+        tokens = sum(stats["AR"].num_generated)
+        auto = stats["auto"]
         props = [n for row in auto.proposal_lengths for n in row]
         ar_rounds = sum(1 for n in props if n == 0) / max(1, len(props))
         row = {
@@ -73,11 +91,12 @@ def measure(target, draft, batch_sizes, repetitions, new_tokens, K, label):
             "fixed / AR": statistics.median([a / f for a, f in zip(times["AR"], times["fixed"])]),
             "auto / AR": statistics.median([a / f for a, f in zip(times["AR"], times["auto"])]),
             "auto / fixed": statistics.median([f / a for a, f in zip(times["auto"], times["fixed"])]),
-            "fixed tau": warm["fixed"].stats.mean_acceptance_length,
+            "fixed tau": stats["fixed"].mean_acceptance_length,
             "auto tau": auto.mean_acceptance_length,
             "auto drafts verified / round": auto.draft_tokens_per_proposal,
             "auto AR-step rounds": ar_rounds,
-            "= AR": f"{B}/{B}",
+            "calls": calls,
+            "= AR": f"{B * calls}/{B * calls}",
         }
         log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
         rows.append(row)
@@ -98,6 +117,8 @@ def main(argv=None):
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--draft-length", type=int, default=7)
+    parser.add_argument("--min-prompts", type=int, default=8,
+                        help="batch sizes below this run several calls of that size per arm (distinct prompts)")
     parser.add_argument("--inflate-mb", type=float, default=100.0, help="0 = skip the cost-inflated target")
     parser.add_argument("--out", default=str(RESULTS / "schedule"))
     parser.add_argument("--skip-builtin", action="store_true", help="only the cost-inflated target")
@@ -111,7 +132,8 @@ def main(argv=None):
     load_before = os.getloadavg()
     results = {"machine": bench.machine(), "load_before": load_before, "args": vars(args)}
     if not args.skip_builtin:
-        results["builtin"] = measure(target, draft, sizes, args.repetitions, args.new_tokens, args.draft_length, "built-in")
+        results["builtin"] = measure(target, draft, sizes, args.repetitions, args.new_tokens, args.draft_length, "built-in",
+                                     args.min_prompts)
     if args.inflate_mb > 0:
         from dspark_jax.engine import generation
 
@@ -120,7 +142,8 @@ def main(argv=None):
         # the extra layers come after the draft's feature layers and add exactly zero (tools/bench.py), so the
         # built-in draft serves the inflated target; its layer-count check is for real checkpoints
         generation.check_pair = lambda target, draft: None
-        results["inflated"] = measure(big, draft, sizes, args.repetitions, args.new_tokens, args.draft_length, "inflated")
+        results["inflated"] = measure(big, draft, sizes, args.repetitions, args.new_tokens, args.draft_length, "inflated",
+                                     args.min_prompts)
     results["load_after"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
 
@@ -404,7 +405,22 @@ def _schedule_params(target: Target, draft: Draft | None, schedule, batch: int, 
         raise InputError(f"schedule={schedule!r} must be 'auto' or 'fixed'")
     if draft is None or schedule == "fixed":
         return None
-    return sched.params_for(target, draft, batch, K)
+    # built once per (target, draft, batch, K) and calibration file: reading the cost profile and the
+    # calibration and moving them to the device cost a few milliseconds per call
+    cal = sched.calibration_path(getattr(draft, "directory", None))
+    key = (id(target), batch, K, cal.stat().st_mtime_ns if cal is not None and cal.is_file() else None)
+    try:
+        plans = _PLANS.setdefault(draft, {})
+    except TypeError:  # not weakly referenceable: no memo
+        return sched.params_for(target, draft, batch, K)
+    ref, plan = plans.get(key, (None, None))
+    if ref is None or ref() is not target:
+        plan = sched.params_for(target, draft, batch, K)
+        plans[key] = (weakref.ref(target), plan)
+    return plan
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft -> {key: (target ref, ScheduleParams)}
 
 
 def _ar_stats(count, tokens, reasons, wall, slot_rounds=0) -> GenerationStats:

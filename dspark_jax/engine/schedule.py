@@ -161,12 +161,15 @@ class Calibration:
                 "acceptance": list(self.acceptance)}
 
 
+def calibration_path(directory) -> Path | None:
+    """Where a draft directory's calibration lives (None: an in-memory draft)."""
+    return None if directory is None else Path(directory) / CALIBRATION_FILE
+
+
 def load_calibration(directory) -> Calibration | None:
     """`calibration.json` of a draft directory, validated; None if there is none."""
-    if directory is None:
-        return None
-    path = Path(directory) / CALIBRATION_FILE
-    if not path.is_file():
+    path = calibration_path(directory)
+    if path is None or not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
@@ -241,11 +244,12 @@ def _probe(target_graph, target_params, proposer_graph, proposer_params, target_
     return jnp.sum(token) + sum(jnp.sum(x[..., :1].astype(jnp.float32)) for x in jax.tree.leaves(new_state)[:1])
 
 
-def profile_costs(target, draft, batch: int, K: int, *, capacity: int = 512, repetitions: int = 7,
+def profile_costs(target, draft, batch: int, K: int, *, capacity: int = 512, repetitions: int = 64,
                   budget_s: float = 15.0) -> tuple[np.ndarray, float]:
     """Time the verification of 1 and `K + 1` tokens per row and the proposer's forward at batch `batch` on this
-    machine (interleaved, medians), in AR steps (the 1-token verification); budgets in between are interpolated.
-    Forced monotone. Stops adding repetitions once `budget_s` is spent."""
+    machine (interleaved; the fastest of the repetitions, since other work on the machine only ever adds time),
+    in AR steps (the 1-token verification); budgets in between are interpolated. Forced monotone. Stops adding
+    repetitions once `budget_s` (compiles included) is spent."""
     t_start = time.perf_counter()
     module, prop = target.module, draft.module
     target_cache = jax.jit(lambda: module.init_cache(batch, capacity, max_block=K + 1))()
@@ -263,11 +267,11 @@ def profile_costs(target, draft, batch: int, K: int, *, capacity: int = 512, rep
             times[arm].append(time.perf_counter() - t0)
         if time.perf_counter() - t_start > budget_s and rep >= 1:
             break
-    med = {arm: float(np.median(v)) for arm, v in times.items()}
-    base = med[("verify", 1)]
-    full = med[("verify", K + 1)] / base
+    best = {arm: float(np.min(v)) for arm, v in times.items()}
+    base = best[("verify", 1)]
+    full = best[("verify", K + 1)] / base
     verify = monotone([1.0 + (full - 1.0) * (t - 1) / K for t in buckets(K)])
-    return verify, med[("draft", 1)] / base
+    return verify, best[("draft", 1)] / base
 
 
 def schedule_costs(target, draft, batch: int, K: int, *, profile: bool | None = None) -> tuple[np.ndarray, float]:
@@ -278,7 +282,7 @@ def schedule_costs(target, draft, batch: int, K: int, *, profile: bool | None = 
         profile = os.environ.get("DSPARK_JAX_PROFILE", "1") != "0" and getattr(target, "directory", None) is not None
     if not profile:
         return constant_costs(K)
-    key = _fingerprint("v2", _machine_key(), repr(target.config), str(target.dtype), repr(draft.config), str(draft.dtype),
+    key = _fingerprint("v3", _machine_key(), repr(target.config), str(target.dtype), repr(draft.config), str(draft.dtype),
                        batch, K)
     path = cache_dir() / "verify_cost.json"
     try:
