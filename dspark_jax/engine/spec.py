@@ -170,8 +170,9 @@ def step(target, proposer, state: SpecState, K: int, capacity: int, *, schedule:
     the round first decides from earlier rounds' information alone (the per-row acceptance estimate) whether
     speculation can pay for this batch; if not it runs as a plain AR step with no draft forward (the
     proposer's context is still extended). Otherwise the proposer drafts, the prefix scheduler (early
-    stopping) gives each live row its number of drafts to verify, possibly 0, and the target verifies at the
-    smallest static budget of `schedule.buckets(K)` that holds them."""
+    stopping) gives each live row its number of drafts to verify, possibly 0, the round takes the smallest
+    static budget of `schedule.buckets(K)` that holds them, and every live row verifies as much of its
+    proposal as that budget holds."""
     req = state.req
     if schedule is None:
         with jax.named_scope("propose"):
