@@ -228,7 +228,8 @@ def main(argv=None) -> int:
             [[r["target"], r["temperature"], r["AR_compile_s"]] + [r["arms"][n]["compile_s"] for n in names] for r in speed],
         ),
     ]
-    meta = {"machine": machine, "dtype": dtype, "K": K, "target": "dspark_jax/assets/target", "target_params": target.num_params,
+    load_end = list(os.getloadavg())
+    meta = {"machine": machine, "load_average_end": load_end, "dtype": dtype, "K": K, "target": "dspark_jax/assets/target", "target_params": target.num_params,
             "draft_params": {n: d.num_params for n, d in drafts.items()}, "inflated_param_bytes": big.param_bytes,
             "inflated_layers": big.config.num_layers, "prompts_per_set": {s: len(v) for s, v in sets.items()},
             "max_new_tokens": args.max_new_tokens, "speed_prompts": len(pool), "speed_max_new_tokens": args.speed_max_new_tokens,
@@ -245,7 +246,8 @@ def main(argv=None) -> int:
         tables=tables, meta=meta, data=data,
         intro=f"Target {target.num_params / 1e6:.2f}M params (Qwen3, trained from scratch by `dspark-jax build-fixture`), {sizes} "
               f"(each includes its frozen embedding and LM head copies), {dtype}. {machine['cpu_model']} ({machine['cpu_cores']} "
-              f"cores, load average {np.round(machine['load_average'], 1).tolist()} at the start: the machine is shared, so "
+              f"cores, load average {np.round(machine['load_average'], 1).tolist()} at the start and "
+              f"{np.round(load_end, 1).tolist()} at the end: the machine is shared, so "
               f"only ratios of interleaved arms are meaningful), jax {machine['versions']['jax']}. Bars: DSpark/DFlash tau at "
               f"T=1 = {ratio_t1:.3f} (>= {BAR_TAU_RATIO}: {bars['tau_bar_met']}); speed-up over AR on the cost-inflated target, "
               f"batch 1, T=0: {speedups} (DSpark > 1: {bars['speed_bar_met']}).",
