@@ -289,6 +289,7 @@ def bf16_command(pair, input_path, output_path, batch_size):
     return cmd
 
 
+@pytest.mark.slow  # the batch plan it relies on is checked call by call in the default run (below)
 def test_bf16_resumed_job_equals_the_uninterrupted_one(pair, env, prompts_file, tmp_path, capsys):
     """In bf16 a row's logits can change with the batch shape (by ~1e-2 on accelerators), so a resume must run every
     prompt in the batch it had in the uninterrupted job: 10 of 12 answered leaves 2, which re-batching would run as

@@ -63,14 +63,21 @@ def test_continuous_equals_static_and_batch_one(tiny, with_draft):
     assert min(len(t) for t in static.tokens) == 1 and max(len(t) for t in static.tokens) > 40
     if with_draft:
         assert 1.5 < static.stats.mean_acceptance_length < 7  # partial acceptances: ragged slots
-    variants = [dict(batch_size=3), dict(batch_size=1)] + ([dict(batch_size=3, batching="static")] if with_draft else [])
-    for kwargs in variants:
+    for kwargs in [dict(batch_size=3), dict(batch_size=1)]:
         got = run(**kwargs)
         assert got.tokens == static.tokens, kwargs
         assert got.stats.finish_reasons == reasons
-    if with_draft:  # with fixed rounds, the very same rounds, prompt by prompt
-        fixed = run(schedule="fixed")
-        assert run(schedule="fixed", batch_size=3).stats.acceptance_lengths == fixed.stats.acceptance_lengths
+
+
+@pytest.mark.slow
+def test_static_groups_and_fixed_rounds(tiny):
+    """Static groups of 3 give the same answers as one static batch, and with fixed rounds continuous slots
+    run the very same rounds, prompt by prompt."""
+    target, draft, prompts, stops = tiny
+    run = lambda **kw: dj.generate(target, draft, prompts, max_new_tokens=BUDGETS, stop_token_ids=stops, **kw)
+    assert run(batch_size=3, batching="static").tokens == run().tokens
+    fixed = run(schedule="fixed")
+    assert run(schedule="fixed", batch_size=3).stats.acceptance_lengths == fixed.stats.acceptance_lengths
 
 
 def test_sampled_answers_do_not_depend_on_slots(builtin):
@@ -86,8 +93,8 @@ def test_sampled_answers_do_not_depend_on_slots(builtin):
     assert run(seed=8, batch_size=2) != alone  # the seed matters, so the equalities above could have failed
 
 
-def test_one_program_whatever_enters_and_leaves(builtin):
-    target, draft = builtin
+def test_one_program_whatever_enters_and_leaves(tiny):
+    target, draft, _, _ = tiny
     dj.generate(target, draft, _prompts(target.config.vocab_size), max_new_tokens=BUDGETS, batch_size=8)  # compiled before
     before = continuous.spec_job._cache_size()
     other = _prompts(target.config.vocab_size, lengths=[290, 3, 77, 12, 140, 8, 2, 60, 99, 31], seed=3)

@@ -6,6 +6,7 @@ does not. The sampling uses the engine's own `verify`."""
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +214,32 @@ def test_schedule_argument_is_checked(mixed):
     target, draft, prompts, _ = mixed
     with pytest.raises(dj.InputError, match="schedule"):
         dj.generate(target, draft, prompts, max_new_tokens=4, schedule="sometimes")
+
+
+def test_cost_profile_is_monotone_in_ar_steps_and_cached_on_disk(mixed, tmp_path, monkeypatch):
+    """The verify-cost profile (docs/algorithm.md §4.4): one entry per machine / target / draft / batch / K,
+    profiled on first use within its time budget, read back from disk afterwards."""
+    import time
+
+    target, draft, _, _ = mixed
+    monkeypatch.setenv("DSPARK_JAX_CACHE", str(tmp_path))
+    t0 = time.perf_counter()
+    verify, draft_cost = sched.schedule_costs(target, draft, 2, 3, profile=True)
+    assert time.perf_counter() - t0 < 60  # 15 s of timing after the compiles, on a loaded CI machine
+    assert len(verify) == len(sched.buckets(3)) and verify[0] == 1.0
+    assert np.all(np.diff(verify) >= 0) and draft_cost > 0
+    table = json.loads((tmp_path / "verify_cost.json").read_text())
+    assert [(e["batch"], e["K"]) for e in table.values()] == [(2, 3)]
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("profiled again")
+
+    monkeypatch.setattr(sched, "profile_costs", no_profiling)
+    again = sched.schedule_costs(target, draft, 2, 3, profile=True)
+    np.testing.assert_array_equal(again[0], verify)
+    assert again[1] == draft_cost
+    with pytest.raises(AssertionError, match="profiled again"):  # another batch size is another entry
+        sched.schedule_costs(target, draft, 4, 3, profile=True)
+    off, fallback = sched.schedule_costs(target, draft, 4, 3, profile=False), sched.constant_costs(3)
+    np.testing.assert_array_equal(off[0], fallback[0])
+    assert off[1] == fallback[1]
