@@ -2,8 +2,8 @@
 
 A mixed job (prompts of 1 to 300 tokens, budgets of 1 to 128 tokens, stop tokens that really fire) runs
 through fewer slots than prompts, so slots are refilled while others decode: in fp32 greedy its answers
-equal one static batch of every prompt, static groups, and batch-1 slots, with the built-in DSpark pair and
-plain AR; with `-m slow` also prompt lookup, EAGLE-3 and DeepSeek MTP proposers, and a Gemma 4 target whose
+equal one static batch of every prompt and batch-1 slots, with a tiny DSpark pair and plain AR; with
+`-m slow` also static groups, the very same fixed rounds, prompt lookup, EAGLE-3 and DeepSeek MTP proposers, and a Gemma 4 target whose
 sliding ring is shorter than the prompts. Sampled answers do not depend on the slot count; the job is one compiled program
 whatever prompts enter and leave.
 """
