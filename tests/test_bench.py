@@ -31,8 +31,6 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(pair):
-    """The report of a small run. The scheduler's cost profile is off (its constant-ratio model instead): the
-    profile has its own test (test_schedule.py), and profiling each draft and batch size here took minutes."""
     import dspark_jax as dj
     from dspark_jax.proposers.dspark_checkpoint import export_draft
     from dspark_jax.testing import synthetic
@@ -49,14 +47,12 @@ def report(pair):
         path.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in turns))
         files.append(str(path))
     out = root / "report"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DSPARK_JAX_PROFILE", "0")
-        rc = cli.main([
-            "bench", "--target", str(target_dir), "--draft", str(draft_dir), "--dflash", str(dflash_dir),
-            "--prompts", *files, "--num-prompts", "2", "--max-new-tokens", "6", "--batch-sizes", "1,2",
-            "--temperatures", "0,1", "--repetitions", "1", "--acceptance-batch", "2", "--dtype", "float32",
-            "--out", str(out),
-        ])
+    rc = cli.main([
+        "bench", "--target", str(target_dir), "--draft", str(draft_dir), "--dflash", str(dflash_dir),
+        "--prompts", *files, "--num-prompts", "2", "--max-new-tokens", "6", "--batch-sizes", "1,2",
+        "--temperatures", "0,1", "--repetitions", "1", "--acceptance-batch", "2", "--dtype", "float32",
+        "--out", str(out),
+    ])
     assert rc == 0
     return out
 
