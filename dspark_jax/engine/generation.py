@@ -409,10 +409,7 @@ def _schedule_params(target: Target, draft: Draft | None, schedule, batch: int, 
     # calibration and moving them to the device cost a few milliseconds per call
     cal = sched.calibration_path(getattr(draft, "directory", None))
     key = (id(target), batch, K, cal.stat().st_mtime_ns if cal is not None and cal.is_file() else None)
-    try:
-        plans = _PLANS.setdefault(draft, {})
-    except TypeError:  # not weakly referenceable: no memo
-        return sched.params_for(target, draft, batch, K)
+    plans = _PLANS.setdefault(draft, {})
     ref, plan = plans.get(key, (None, None))
     if ref is None or ref() is not target:
         plan = sched.params_for(target, draft, batch, K)
