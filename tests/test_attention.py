@@ -75,3 +75,43 @@ def test_two_cached_parts_of_different_lengths():
     parts = [(k, v, m), (k2, v2, m2)]
     got = jax.jit(lambda q, p, o: attention(q, p, o, H**-0.5))(q, parts, own)
     np.testing.assert_allclose(np.asarray(got), reference(q, [*parts, own]), rtol=2e-5, atol=2e-5)
+
+
+def test_rows_in_groups_of_their_own_extent_from_a_stacked_cache():
+    """A batch of 19 rows of very different lengths is attended in row groups (sorted by extent, the last group
+    repeating a row), reading layer 1 of a stacked `[3, B, S, G, H]` cache in place: every row exact."""
+    rng = np.random.default_rng(4)
+    b, S = 19, 1000
+    lengths = jnp.asarray(rng.integers(0, S - T, size=b), jnp.int32).at[3].set(S - T)
+    q = rng.normal(size=(b, T, N, H)).astype(np.float32)
+    ks = rng.normal(size=(3, b, S, G, H)).astype(np.float32)
+    vs = rng.normal(size=(3, b, S, G, H)).astype(np.float32)
+    own = tuple(rng.normal(size=(b, T, G, H)).astype(np.float32) for _ in range(2))
+    q_pos = lengths[:, None] + jnp.arange(T)[None, :]
+    mask = kv_cache.cached_mask(q_pos, lengths, S)
+    own = (*own, kv_cache.block_mask(b, T, causal=True))
+
+    def f(q, ks, vs, index):
+        return attention(q, [(kv_cache.Stacked(ks, index), kv_cache.Stacked(vs, index), mask)], own, H**-0.5)
+
+    got = jax.jit(f)(q, ks, vs, jnp.int32(1))
+    want = np.concatenate([reference(q[i : i + 1], [(ks[1, i : i + 1], vs[1, i : i + 1], mask[i : i + 1]),
+                                                      tuple(x[i : i + 1] for x in own)]) for i in range(b)])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_write_layer_stores_the_block_at_each_rows_length_in_place(after):
+    """`write_layer` puts row r's block at positions `lengths[r] + t` of layer `index` and nowhere else."""
+    rng = np.random.default_rng(5)
+    n, b, S = 3, 4, 64
+    cache = rng.normal(size=(n, b, S, G, H)).astype(np.float32)
+    block = rng.normal(size=(b, T, G, H)).astype(np.float32)
+    lengths = np.array([0, 7, S - T, 30], np.int32)
+    dep = jnp.ones((b, T, 5)) if after else None
+    got = jax.jit(lambda c, x, i: kv_cache.write_layer(kv_cache.Stacked(c, i), x, jnp.asarray(lengths), after=dep))(
+        cache, block, jnp.int32(2))
+    want = cache.copy()
+    for r in range(b):
+        want[2, r, lengths[r] : lengths[r] + T] = block[r]
+    np.testing.assert_array_equal(np.asarray(got), want)

@@ -35,7 +35,6 @@ from flax import nnx
 
 from dspark_jax.engine import decode, sampling, spec
 from dspark_jax.engine.decode import Requests
-from dspark_jax.layers.attention import extent_sizes
 
 FREE, PREFILL, DECODE = 0, 1, 2
 
@@ -44,9 +43,8 @@ class Kind(NamedTuple):
     """How the loop drives one kind of decoding state (`spec.SpecState` or `decode.DecodeState`)."""
 
     cache_fields: tuple[str, ...]  # the state's opaque per-row caches
-    init_sized: Callable[[int, int], tuple]  # (batch, capacity) -> empty caches (their shapes tell batch and capacity axes)
+    init_sized: Callable[[int, int], tuple]  # (batch, capacity) -> empty caches (their shapes tell the batch axes)
     capacity: int
-    round_block: int  # positions a round writes past `lengths` (K + 1, or 1 for an AR step)
     chunk: Callable  # (caches, tokens [P, C], at [P], num_valid [P]) -> (hidden [P, C, D], caches)
     begin: Callable  # (caches, first [B], req) -> state
     round: Callable  # state -> state
@@ -64,7 +62,6 @@ def speculative(target, proposer, K: int, capacity: int, out_len: int, schedule=
         cache_fields=("target_cache", "proposer_state"),
         init_sized=sized,
         capacity=capacity,
-        round_block=K + 1,
         chunk=chunk,
         begin=lambda caches, first, req: spec.begin(*caches, first, req, out_len),
         round=lambda s: spec.step(target, proposer, s, K, capacity, schedule=schedule),
@@ -82,7 +79,6 @@ def autoregressive(model, capacity: int, out_len: int) -> Kind:
         cache_fields=("cache",),
         init_sized=sized,
         capacity=capacity,
-        round_block=1,
         chunk=chunk,
         begin=lambda caches, first, req: decode.begin(caches[0], first, req, out_len),
         round=lambda s: decode.step(model, s),
@@ -217,49 +213,13 @@ def prefill(kind: Kind, s: Slots, *, queue: Requests, lanes: int, chunk: int, ax
     return dataclasses.replace(s, state=state, filled=filled, phase=jnp.where(started, DECODE, s.phase))
 
 
-def capacity_axes(kind: Kind):
-    """The capacity axis of every cache leaf, -1 for a leaf that stays whole, found from shapes at capacities
-    `C`, `C + 1` and `2C`. A leaf whose size does not depend on the capacity (a ring buffer) stays whole; when
-    some leaf grows with the capacity but not as a linear cache does (a compressed cache), every leaf does."""
-    C = kind.capacity
-    a, b, c = (jax.eval_shape(lambda n=n: kind.init_sized(1, n)) for n in (C, C + 1, 2 * C))
-
-    def axis(x, y, z):
-        diff = [i for i, (p, q) in enumerate(zip(x.shape, y.shape)) if p != q]
-        if not diff and x.shape == z.shape:
-            return -1
-        if len(diff) == 1 and (x.shape[diff[0]], y.shape[diff[0]], z.shape[diff[0]]) == (C, C + 1, 2 * C):
-            return diff[0]
-        return None
-
-    axes = jax.tree.map(axis, a, b, c)
-    if any(x is None for x in jax.tree.leaves(axes, is_leaf=lambda x: x is None)):
-        return jax.tree.map(lambda _: -1, a)
-    return axes
-
-
-def _cut(caches, axes, size: int):
-    return jax.tree.map(lambda x, a: x if a < 0 else jax.lax.slice_in_dim(x, 0, size, axis=a), caches, axes)
-
-
-def _paste(caches, views, axes):
-    return jax.tree.map(lambda x, v, a: v if a < 0 else jax.lax.dynamic_update_slice_in_dim(x, v, 0, axis=a),
-                        caches, views, axes)
-
-
-def advance(kind: Kind, s: Slots, cap_axes, size: int) -> Slots:
-    """One round for the decoding slots (every other slot is `done`, so the round leaves it alone).
-
-    The round runs on the first `size` positions of every linear cache (`cap_axes`), which hold every
-    position a slot reads or writes in it, and pastes them back: the round then moves `size` positions of
-    cache, not the whole capacity (docs/caches.md §10)."""
+def advance(kind: Kind, s: Slots) -> Slots:
+    """One round for the decoding slots (every other slot is `done`, so the round leaves it alone). The
+    layers write the caches in place and read each row only up to its own extent (docs/caches.md §10), so a
+    round costs what the live rows use, not the capacity."""
     live = jnp.sum((s.phase == DECODE) & ~s.state.done)
-    full = tuple(getattr(s.state, f) for f in kind.cache_fields)
-    views = _cut(full, cap_axes, size)
-    state = kind.round(dataclasses.replace(s.state, **dict(zip(kind.cache_fields, views))))
-    pasted = _paste(full, tuple(getattr(state, f) for f in kind.cache_fields), cap_axes)
-    state = dataclasses.replace(state, **dict(zip(kind.cache_fields, pasted)))
-    return dataclasses.replace(s, state=state, rounds_run=s.rounds_run + 1, live_slot_rounds=s.live_slot_rounds + live)
+    return dataclasses.replace(s, state=kind.round(s.state), rounds_run=s.rounds_run + 1,
+                               live_slot_rounds=s.live_slot_rounds + live)
 
 
 def retire(kind: Kind, s: Slots) -> Slots:
@@ -293,9 +253,6 @@ def run(kind: Kind, queue: Requests, num_prompts: jax.Array, *, slots: int, chun
     branches = [functools.partial(prefill, kind, queue=queue, lanes=w, chunk=chunk, axes=axes) for w in widths]
 
     order = admission_order(queue, num_prompts)
-    cap_axes = capacity_axes(kind)
-    cuttable = any(a >= 0 for a in jax.tree.leaves(cap_axes))
-    sizes = extent_sizes(kind.capacity) if cuttable else (kind.capacity,)
 
     def body(s):
         s = admit(s, queue, num_prompts, order)
@@ -304,11 +261,7 @@ def run(kind: Kind, queue: Requests, num_prompts: jax.Array, *, slots: int, chun
         for i, branch in enumerate(branches):
             s = decode.at_most_once((waiting > 0) & (width == i), branch, s)
         decoding = jnp.any((s.phase == DECODE) & ~s.state.done)
-        # the round's extent: the furthest position any slot writes (slots not decoding sit below it)
-        reach = jnp.max(s.state.lengths) + kind.round_block
-        size = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes), reach), len(sizes) - 1)
-        for i, n in enumerate(sizes):
-            s = decode.at_most_once(decoding & (size == i), functools.partial(advance, kind, cap_axes=cap_axes, size=n), s)
+        s = decode.at_most_once(decoding, functools.partial(advance, kind), s)
         return retire(kind, s)
 
     busy = lambda s: (s.waiting < num_prompts) | jnp.any(s.phase != FREE)

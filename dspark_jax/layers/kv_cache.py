@@ -7,8 +7,9 @@ written at each row's `lengths`; only `lengths` decides what is committed, so re
 overwritten later.
 
 A model's cache mirrors its layer stacks (`layers.stack.Group`): one `LayerKV` per pattern position of each
-group, its arrays stacked `[n, B, S, G, H]` over the group's repetitions, so the scan over layers slices the
-cache with the parameters.
+group, its arrays stacked `[n, B, S, G, H]` over the group's repetitions. The scan over layers carries the
+stacked arrays and gives layer `r` a `Stacked` view of them: it reads what it needs and `write_layer` writes
+its block in place (docs/caches.md §10).
 """
 
 from __future__ import annotations
@@ -34,6 +35,69 @@ class LayerKV:
 
 
 Cache = tuple[tuple[LayerKV, ...], ...]  # per group, per pattern position
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Stacked:
+    """Layer `index` of a stacked array `[n, B, S, ...]`, read where it lies (docs/caches.md §10).
+
+    A layer scan carries (or closes over) the whole stacked cache and hands each layer this view instead of
+    a slice: reading a prefix of `size` positions copies that prefix only, and `write_layer` stores a block
+    into the stacked array in place, so a forward moves what it reads and writes, never the capacity."""
+
+    array: jax.Array
+    index: jax.Array | int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape[1:]
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+
+def take(x: jax.Array | Stacked, rows: jax.Array | None = None, size: int | None = None, axis: int = 1) -> jax.Array:
+    """Batch rows `rows` (a static number of them; all rows when None) of `x` (`[B, ...]`, or a `Stacked`
+    layer), cut to the first `size` entries along `axis` (positions; all by default), copying only those."""
+    array, lead = (x.array, (x.index,)) if isinstance(x, Stacked) else (x, ())
+    shape = list(array.shape[len(lead):])
+    if size is not None:
+        shape[axis] = min(size, shape[axis])
+    if rows is None:
+        if not lead and tuple(shape) == x.shape:
+            return x
+        return jax.lax.dynamic_slice(array, lead + (0,) * len(shape), [1] * len(lead) + shape).reshape(shape)
+    shape[0] = 1
+    parts = [
+        jax.lax.dynamic_slice(array, lead + (rows[i],) + (0,) * (len(shape) - 1), [1] * len(lead) + shape).reshape(shape)
+        for i in range(rows.shape[0])
+    ]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+
+
+def read(x: jax.Array | Stacked, size: int | None = None) -> jax.Array:
+    """A cache part's first `size` positions (all by default), whether an array `[B, S, ...]` or a `Stacked`."""
+    return take(x, None, size)
+
+
+def write_layer(layer: Stacked, block: jax.Array, lengths: jax.Array, num_valid: jax.Array | None = None, *,
+                after: jax.Array | None = None) -> jax.Array:
+    """`write` into layer `layer.index` of the stacked array: the new stacked array. A linear cache takes the
+    block at each row's `lengths` in place (a scatter of the block's positions); a ring buffer (`num_valid`
+    given, docs/caches.md §5) is small and is rewritten whole."""
+    array = layer.array
+    if after is not None:
+        dep = after.reshape(after.shape[0], -1)[:, :1].astype(jnp.float32)
+        block = (block.astype(jnp.float32) + (dep - dep).reshape((-1,) + (1,) * (block.ndim - 1))).astype(block.dtype)
+    if num_valid is not None:
+        new = write(read(layer), block, lengths, num_valid)
+        return jax.lax.dynamic_update_index_in_dim(array, new, layer.index, 0)
+    B, T = block.shape[:2]
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
+    positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    return array.at[layer.index, rows, positions].set(block.astype(array.dtype), mode="drop")
 
 
 def allocate(batch: int, shapes, dtype) -> Cache:

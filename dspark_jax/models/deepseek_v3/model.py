@@ -297,18 +297,21 @@ class DeepseekV3Model(nnx.Module):
         for group, group_cache in zip(self.groups, cache):
 
             def body(layers, carry, inp):
-                x, buf = carry
-                caches, index = inp
+                x, buf, caches = carry
+                r, index = inp
                 out = []
                 for q, (layer, c) in enumerate(zip(layers, caches)):
+                    latents, rotary = kv.Stacked(c.k, r), kv.Stacked(c.v, r)
                     with jax.named_scope("layer"):
-                        part = (c.k[:, :, 0], c.v[:, :, 0], cached_mask)
+                        part = (kv.read(latents)[:, :, 0], kv.read(rotary)[:, :, 0], cached_mask)
                         x, latent, k_pe = layer(x, cos, sin, [part], fresh_mask, expand=expand)
-                    out.append(kv.LayerKV(kv.write(c.k, latent[:, :, None], lengths), kv.write(c.v, k_pe[:, :, None], lengths)))
+                    out.append(kv.LayerKV(kv.write_layer(latents, latent[:, :, None], lengths, after=x),
+                                          kv.write_layer(rotary, k_pe[:, :, None], lengths, after=x)))
                     buf = cap.record(buf, index[q] + 1, x)
-                return (x, buf), tuple(out)
+                return (x, buf, tuple(out)), None
 
-            (x, buf), group_cache = stack.scan(group, body, (x, buf), (group_cache, jnp.asarray(group.layer_indices())))
+            xs = (jnp.arange(group.n), jnp.asarray(group.layer_indices()))
+            (x, buf, group_cache), _ = stack.scan(group, body, (x, buf, group_cache), xs)
             new_cache.append(group_cache)
         x = self.final_norm(x)
         buf = cap.record(buf, self.config.num_layers, x)

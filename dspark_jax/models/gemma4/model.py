@@ -286,6 +286,10 @@ class Gemma4Model(nnx.Module):
         cap = cap or stack.Capture((), self.config.num_layers)
         sources = self.kv_sources()
         fresh = {}  # attention type -> its source layer's block K/V
+        # what a KV-sharing layer reads of its source's memory: a sliding ring as it was before this block (the
+        # block's write may evict entries its earlier queries see); a linear cache in place after the write,
+        # which changed only positions the memory mask hides
+        before = {t: (memory[sg][sq].k[sr], memory[sg][sq].v[sr]) for t, (sg, sq, sr) in sources.items() if t == SLIDING}
         written = []
         for g, (group, mem) in enumerate(zip(self.groups, memory)):
             index = group.layer_indices()
@@ -293,8 +297,9 @@ class Gemma4Model(nnx.Module):
             if self.pattern(group)[0].shares_kv:
                 shared = {}
                 for t, (sg, sq, sr) in sources.items():
-                    src = memory[sg][sq]
-                    shared[t] = (src.k[sr], src.v[sr], *fresh[t])
+                    src = written[sg][sq] if write is not None else memory[sg][sq]
+                    mk, mv = before[t] if t in before else (kv.Stacked(src.k, sr), kv.Stacked(src.v, sr))
+                    shared[t] = (mk, mv, *fresh[t])
                 x, buf = self._sharing_group(group, x, buf, pl, geometry, shared, cap, remat)
                 written.append(())
             else:
@@ -310,22 +315,23 @@ class Gemma4Model(nnx.Module):
         pattern = self.pattern(group)
 
         def body(layers, carry, inp):
-            x, buf = carry
-            caches, pl, index = inp
+            x, buf, caches = carry
+            pl, r, index = inp
             out, kept = [], []
             for q, (layer, c) in enumerate(zip(layers, caches)):
                 t = pattern[q].attention
                 cos, sin, memory_mask, block_mask = geometry[t]
+                k_in, v_in = kv.Stacked(c.k, r), kv.Stacked(c.v, r)
                 with jax.named_scope("layer"):
-                    x, k, v = layer(x, cos, sin, [(c.k, c.v, memory_mask)], block_mask,
+                    x, k, v = layer(x, cos, sin, [(k_in, v_in, memory_mask)], block_mask,
                                     per_layer_input=None if pl is None else pl[q])
-                out.append(None if write is None else write(t, c, k, v))
+                out.append(c if write is None else write(t, k_in, v_in, k, v, x))
                 kept.append(kv.LayerKV(k, v) if q in keep else None)
                 buf = cap.record(buf, index[q] + 1, x)
-            return (x, buf), (tuple(out), tuple(kept))
+            return (x, buf, tuple(out)), tuple(kept)
 
-        xs = (mem, pl, jnp.asarray(group.layer_indices()))
-        (x, buf), (out, kept) = stack.scan(group, body, (x, buf), xs, remat=remat)
+        xs = (pl, jnp.arange(group.n), jnp.asarray(group.layer_indices()))
+        (x, buf, out), kept = stack.scan(group, body, (x, buf, mem), xs, remat=remat)
         return x, buf, out, kept
 
     def _sharing_group(self, group, x, buf, pl, geometry, shared, cap, remat):
@@ -385,9 +391,10 @@ class Gemma4Model(nnx.Module):
                 kv.block_mask(B, T, causal=True, window=window),
             )
 
-        def write(t, layer_cache, k, v):
+        def write(t, k_in, v_in, k, v, after):
             valid = num_valid if t == SLIDING else None
-            return kv.LayerKV(kv.write(layer_cache.k, k, lengths, valid), kv.write(layer_cache.v, v, lengths, valid))
+            return kv.LayerKV(kv.write_layer(k_in, k, lengths, valid, after=after),
+                              kv.write_layer(v_in, v, lengths, valid, after=after))
 
         x = sharding.constrain(self.embed(tokens), kv.ACTIVATION_AXES)
         ple = self.per_layer_inputs(tokens, x) if c.hidden_size_per_layer_input else None

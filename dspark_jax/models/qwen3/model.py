@@ -185,17 +185,19 @@ class Qwen3Model(nnx.Module):
         for group, group_cache in zip(self.groups, cache):
 
             def body(layers, carry, inp):
-                x, buf = carry
-                caches, index = inp
+                x, buf, caches = carry
+                r, index = inp
                 out = []
                 for q, (layer, c) in enumerate(zip(layers, caches)):
+                    k_in, v_in = kv.Stacked(c.k, r), kv.Stacked(c.v, r)
                     with jax.named_scope("layer"):
-                        x, k, v = layer(x, cos, sin, [(c.k, c.v, cached_mask)], fresh_mask)
-                    out.append(kv.LayerKV(kv.write(c.k, k, lengths), kv.write(c.v, v, lengths)))
+                        x, k, v = layer(x, cos, sin, [(k_in, v_in, cached_mask)], fresh_mask)
+                    out.append(kv.LayerKV(kv.write_layer(k_in, k, lengths, after=x), kv.write_layer(v_in, v, lengths, after=x)))
                     buf = cap.record(buf, index[q] + 1, x)
-                return (x, buf), tuple(out)
+                return (x, buf, tuple(out)), None
 
-            (x, buf), group_cache = stack.scan(group, body, (x, buf), (group_cache, jnp.asarray(group.layer_indices())))
+            xs = (jnp.arange(group.n), jnp.asarray(group.layer_indices()))
+            (x, buf, group_cache), _ = stack.scan(group, body, (x, buf, group_cache), xs)
             new_cache.append(group_cache)
         x = self.final_norm(x)
         buf = cap.record(buf, self.config.num_layers, x)
@@ -222,11 +224,11 @@ class Qwen3Model(nnx.Module):
         x = self.embed(tokens)
         for group, group_context in zip(self.groups, context):
 
-            def body(layers, x, caches):
-                for layer, c in zip(layers, caches):
-                    x, _, _ = layer(x, cos, sin, [(c.k, c.v, context_mask)], block_mask)
+            def body(layers, x, r, group_context=group_context):
+                for layer, c in zip(layers, group_context):
+                    x, _, _ = layer(x, cos, sin, [(kv.Stacked(c.k, r), kv.Stacked(c.v, r), context_mask)], block_mask)
                 return x, None
 
-            x, _ = stack.scan(group, body, x, group_context, remat=remat)
+            x, _ = stack.scan(group, body, x, jnp.arange(group.n), remat=remat)
         return self.final_norm(x)
 
