@@ -161,8 +161,8 @@ def start(kind: Kind, queue: Requests, slots: int) -> Slots:
 
 def admission_order(queue: Requests, num_prompts: jax.Array) -> jax.Array:
     """Queue indices longest prompt first (ties in queue order): slots running at the same time hold prompts
-    of similar length, so attention, which reads a cache only up to the longest live row
-    (layers/attention.py), pays for lengths close to each slot's own; and the longest answers start first."""
+    of similar length, so the row groups of attention (layers/attention.py, each read up to its longest row)
+    pay for lengths close to each slot's own; and the longest answers start first."""
     N = queue.prompt_lens.shape[0]
     return jnp.argsort(jnp.where(jnp.arange(N) < num_prompts, -queue.prompt_lens, 1), stable=True).astype(jnp.int32)
 
