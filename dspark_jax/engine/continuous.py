@@ -43,8 +43,7 @@ class Kind(NamedTuple):
     """How the loop drives one kind of decoding state (`spec.SpecState` or `decode.DecodeState`)."""
 
     cache_fields: tuple[str, ...]  # the state's opaque per-row caches
-    init_sized: Callable[[int, int], tuple]  # (batch, capacity) -> empty caches (their shapes tell the batch axes)
-    capacity: int
+    init: Callable[[int], tuple]  # batch -> empty caches at the job's capacity (their shapes tell the batch axes)
     chunk: Callable  # (caches, tokens [P, C], at [P], num_valid [P]) -> (hidden [P, C, D], caches)
     begin: Callable  # (caches, first [B], req) -> state
     round: Callable  # state -> state
@@ -57,11 +56,9 @@ def speculative(target, proposer, K: int, capacity: int, out_len: int, schedule=
         hidden, cache, features = target(tokens, at, cache, capture=proposer.feature_indices, num_valid=num_valid)
         return hidden, (cache, proposer.extend(state, tokens, features, at))
 
-    sized = lambda b, c: (target.init_cache(b, c, max_block=K + 1), proposer.init_state(b, c))
     return Kind(
         cache_fields=("target_cache", "proposer_state"),
-        init_sized=sized,
-        capacity=capacity,
+        init=lambda b: (target.init_cache(b, capacity, max_block=K + 1), proposer.init_state(b, capacity)),
         chunk=chunk,
         begin=lambda caches, first, req: spec.begin(*caches, first, req, out_len),
         round=lambda s: spec.step(target, proposer, s, K, capacity, schedule=schedule),
@@ -74,11 +71,9 @@ def autoregressive(model, capacity: int, out_len: int) -> Kind:
         hidden, cache, _ = model(tokens, at, caches[0], num_valid=num_valid)
         return hidden, (cache,)
 
-    sized = lambda b, c: (model.init_cache(b, c, max_block=1),)
     return Kind(
         cache_fields=("cache",),
-        init_sized=sized,
-        capacity=capacity,
+        init=lambda b: (model.init_cache(b, capacity, max_block=1),),
         chunk=chunk,
         begin=lambda caches, first, req: decode.begin(caches[0], first, req, out_len),
         round=lambda s: decode.step(model, s),
@@ -148,7 +143,7 @@ def _where_rows(mask, new, old):
 def start(kind: Kind, queue: Requests, slots: int) -> Slots:
     """`slots` empty slots over `queue`; every slot starts FREE."""
     B = slots
-    caches = kind.init_sized(B, kind.capacity)
+    caches = kind.init(B)
     req = jax.tree.map(lambda x: x[jnp.zeros((B,), jnp.int32)], queue)
     state = kind.begin(caches, jnp.zeros((B,), jnp.int32), req)
     state = dataclasses.replace(state, done=jnp.ones((B,), bool))
@@ -248,7 +243,7 @@ def run(kind: Kind, queue: Requests, num_prompts: jax.Array, *, slots: int, chun
     The prefill step runs at the smallest width of `lane_widths(slots)` that holds every slot waiting for
     its next chunk: one refilled slot costs a `[1, chunk]` block, the job's start a `[slots, chunk]` one.
     Prefill and round are skipped when there is nothing for them (`decode.at_most_once`)."""
-    axes = batch_axes(lambda b: kind.init_sized(b, kind.capacity))
+    axes = batch_axes(kind.init)
     widths = lane_widths(slots)
     branches = [functools.partial(prefill, kind, queue=queue, lanes=w, chunk=chunk, axes=axes) for w in widths]
 

@@ -53,24 +53,24 @@ def attention(q: jax.Array, cached: Sequence[Part], own: Part, scale: float) -> 
     longest = max((k.shape[1] for k, _, _ in cached), default=0)
     if longest <= EXTENT_BLOCK:
         return _attend(q, [(read(k), read(v), m) for k, v, m in cached] + [own], scale)
-    sizes = jnp.asarray(extent_sizes(longest))
+    sizes = extent_sizes(longest)
     # per row: the ladder step that holds every cached part's last key the row's queries see
     need = jnp.zeros(q.shape[:1], jnp.int32)
     for k, _, mask in cached:
         if k.shape[1] > EXTENT_BLOCK:
             used = jnp.max(jnp.where(jnp.any(mask, axis=1), jnp.arange(1, k.shape[1] + 1), 0), axis=1)
-            need = jnp.maximum(need, jnp.searchsorted(sizes, used).astype(jnp.int32))
+            need = jnp.maximum(need, jnp.searchsorted(jnp.asarray(sizes), used).astype(jnp.int32))
     B = q.shape[0]
     width = -(-B // ROW_GROUPS)
-    if width == B or width > GROUP_ROWS:
-        return _cut_to(jnp.max(need), None, q, cached, own, scale)
+    if B == 1 or width > GROUP_ROWS:
+        return _cut_to(sizes, jnp.max(need), None, q, cached, own, scale)
     # rows sorted by their extent, then attended `width` at a time: a long row makes only its own group long
     order = jnp.argsort(need).astype(jnp.int32)
     groups = -(-B // width)
 
     def group(g, out):
         rows = order[jnp.minimum(g * width + jnp.arange(width), B - 1)]  # the last group may repeat a row
-        o = _cut_to(jnp.max(need[rows]), rows, q, cached, own, scale)
+        o = _cut_to(sizes, jnp.max(need[rows]), rows, q, cached, own, scale)
         for i in range(width):
             out = jax.lax.dynamic_update_index_in_dim(out, o[i], rows[i], 0)
         return out
@@ -79,10 +79,9 @@ def attention(q: jax.Array, cached: Sequence[Part], own: Part, scale: float) -> 
     return jax.lax.fori_loop(0, groups, group, out)
 
 
-def _cut_to(need, rows, q, cached, own, scale):
-    """Attention for batch rows `rows` (a static number of them; None: every row, then `need` is a scalar),
-    every cached part read to ladder step `need`."""
-    sizes = extent_sizes(max(k.shape[1] for k, _, _ in cached))
+def _cut_to(sizes, need, rows, q, cached, own, scale):
+    """Attention for batch rows `rows` (a static number of them; None: every row), every cached part read to
+    `sizes[need]` positions."""
 
     def cut(size: int):
         def branch(rows, q, cached, own):

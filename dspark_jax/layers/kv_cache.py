@@ -53,10 +53,6 @@ class Stacked:
     def shape(self) -> tuple[int, ...]:
         return self.array.shape[1:]
 
-    @property
-    def dtype(self):
-        return self.array.dtype
-
 
 def take(x: jax.Array | Stacked, rows: jax.Array | None = None, size: int | None = None, axis: int = 1) -> jax.Array:
     """Batch rows `rows` (a static number of them; all rows when None) of `x` (`[B, ...]`, or a `Stacked`
