@@ -82,7 +82,12 @@ def test_rows_in_groups_of_their_own_extent_from_a_stacked_cache():
     repeating a row), reading layer 1 of a stacked `[3, B, S, G, H]` cache in place: every row exact."""
     rng = np.random.default_rng(4)
     b, S = 19, 1000
-    lengths = jnp.asarray(rng.integers(0, S - T, size=b), jnp.int32).at[3].set(S - T)
+    # 10 short rows, 5 of the middle ladder step, 4 long ones (one at the very end), shuffled: sorted groups of 3
+    # then mix steps, so a group read to anything less than its longest row would lose keys
+    spans = [(0, EXTENT_BLOCK - T)] * 10 + [(EXTENT_BLOCK + 10, 2 * EXTENT_BLOCK - T)] * 5 + [(600, S - T)] * 4
+    lengths = np.array([rng.integers(lo, hi) for lo, hi in spans])
+    lengths[-1] = S - T
+    lengths = jnp.asarray(rng.permutation(lengths), jnp.int32)
     q = rng.normal(size=(b, T, N, H)).astype(np.float32)
     ks = rng.normal(size=(3, b, S, G, H)).astype(np.float32)
     vs = rng.normal(size=(3, b, S, G, H)).astype(np.float32)
