@@ -102,7 +102,8 @@ def rope_dict(rope: RopeConfig) -> dict:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Per-row sampling settings, all traced (`[B]` arrays): changing them never recompiles.
+    """Per-row sampling settings, traced (`[B]` arrays): changing them never recompiles (`sampler`, one per
+    request, is the static exception).
 
     temperature 0 (or anything below 1e-5, `sampling.GREEDY_TEMPERATURE`) means greedy; top_k 0 means no top-k
     filter; top_p 1 means no nucleus filter; confidence_threshold 0 proposes the whole draft block.
@@ -112,6 +113,9 @@ class SamplingParams:
     top_k: jax.Array
     top_p: jax.Array
     confidence_threshold: jax.Array
+    # static (one per request; changing it compiles another program): "rejection" (the paper's speculative
+    # sampling) or "coupled" (Gumbel-max noise per position, draft-invariant; docs/algorithm.md §3.6)
+    sampler: str = dataclasses.field(default="rejection", metadata=dict(static=True))
 
     @classmethod
     def create(
@@ -122,8 +126,11 @@ class SamplingParams:
         top_k=0,
         top_p=1.0,
         confidence_threshold=0.0,
+        sampler="rejection",
     ) -> SamplingParams:
         """Broadcast scalars or per-row sequences to `[batch]` arrays, validating every value."""
+        if sampler not in ("coupled", "rejection"):
+            raise InputError(f"sampler={sampler!r} is invalid: expected 'coupled' or 'rejection'")
 
         def column(name, value, dtype, check, expected):
             arr = np.broadcast_to(np.asarray(value, dtype=np.float64), (batch,)) if np.ndim(value) == 0 else np.asarray(value, dtype=np.float64)
@@ -140,4 +147,5 @@ class SamplingParams:
             confidence_threshold=column(
                 "confidence_threshold", confidence_threshold, np.float32, lambda a: (a >= 0) & (a <= 1), "a value in [0, 1] (0 = off)"
             ),
+            sampler=sampler,
         )

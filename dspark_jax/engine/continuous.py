@@ -195,7 +195,7 @@ def prefill(kind: Kind, s: Slots, *, queue: Requests, lanes: int, chunk: int, ax
     ends = on & (last < chunk)
     h = hidden[jnp.arange(lanes), jnp.clip(last, 0, chunk - 1)]
     probs = sampling.probabilities(kind.logits(h), req.sampling)
-    first = sampling.sample(sampling.step_keys(req.keys, sampling.SALT_TOKEN, req.prompt_lens), probs)
+    first = sampling.token_at(probs, req.sampling, req.keys, req.prompt_lens, sampling.SALT_TOKEN)
 
     started = jnp.zeros((B,), bool).at[target_rows].set(ends, mode="drop")
     first = jnp.zeros((B,), jnp.int32).at[target_rows].set(first, mode="drop")

@@ -103,7 +103,7 @@ def prefill(model, req: Requests, cache, *, chunk: int, capture: tuple[int, ...]
             carry, _ = jax.lax.scan(run, carry, jnp.arange(T // C))
     cache, last, consumer_state = carry
     probs = sampling.probabilities(model.logits(last), req.sampling)
-    first = sampling.sample(sampling.step_keys(req.keys, sampling.SALT_TOKEN, req.prompt_lens), probs)
+    first = sampling.token_at(probs, req.sampling, req.keys, req.prompt_lens, sampling.SALT_TOKEN)
     return first, cache, consumer_state
 
 
@@ -129,7 +129,7 @@ def step(model, state: DecodeState) -> DecodeState:
     req = state.req
     hidden, cache, _ = model(state.pending[:, None], state.lengths, state.cache)
     probs = sampling.probabilities(model.logits(hidden[:, 0]), req.sampling)
-    token = sampling.sample(sampling.step_keys(req.keys, sampling.SALT_TOKEN, state.lengths + 1), probs)
+    token = sampling.token_at(probs, req.sampling, req.keys, state.lengths + 1, sampling.SALT_TOKEN)
     active = ~state.done
     grow = active.astype(jnp.int32)
     out = append_tokens(state.out, state.count, token[:, None], grow)

@@ -43,6 +43,7 @@ MIN_PROMPT_BUCKET = 16
 PREFILL_CHUNK = 512  # prompt positions per prefill step (attention memory is O(chunk x capacity))
 MIN_NEW_BUCKET = 16
 STOP_SLOTS = 8
+DEFAULT_SAMPLER = "rejection"  # `sampler=` of generate / stream / the CLI (docs/algorithm.md §3.6)
 
 
 def prompt_bucket(n: int, chunk: int) -> int:
@@ -161,8 +162,10 @@ def build_requests(
     row_ids: Sequence[int] | None = None,
     extra_capacity: int = 0,
     prefill_chunk: int = PREFILL_CHUNK,
+    sampler: str = "rejection",
 ) -> tuple[decode.Requests, list[list[int]], dict]:
     """Validate and pad a batch. -> (requests, prompt token lists, static shapes)."""
+    sampler = inputs.sampler(sampler)
     token_lists = _as_token_lists(target, prompts)
     n = len(token_lists)
     checked = inputs.settings(n, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -203,6 +206,7 @@ def build_requests(
         top_k=per_row("top_k"),
         top_p=per_row("top_p"),
         confidence_threshold=per_row("confidence_threshold"),
+        sampler=sampler,
     )
     stops = target.stop_token_ids if stop_token_ids is None else stop_token_ids
     rows = np.arange(B) if row_ids is None else np.asarray(list(row_ids) + list(range(B - n)), np.int64)
@@ -289,6 +293,7 @@ def generate(
     batch_size: int | None = None,
     batching: str | None = None,
     schedule: str = "auto",
+    sampler: str = DEFAULT_SAMPLER,
 ) -> GenerationResult:
     """Generate for a batch of prompts; `draft=None` is plain autoregressive decoding.
 
@@ -323,12 +328,12 @@ def generate(
             target, draft, prompts, mode, int(batch_size), max_new_tokens=max_new_tokens, temperature=temperature,
             top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids,
             confidence_threshold=confidence_threshold, draft_length=draft_length, row_ids=row_ids,
-            unroll_layers=unroll_layers, prefill_chunk=prefill_chunk, schedule=schedule,
+            unroll_layers=unroll_layers, prefill_chunk=prefill_chunk, schedule=schedule, sampler=sampler,
         )
     K, req, token_lists, shapes, stops = _prepare(
         target, draft, prompts, draft_length, row_ids, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
-        prefill_chunk=prefill_chunk,
+        prefill_chunk=prefill_chunk, sampler=sampler,
     )
     plan = _schedule_params(target, draft, schedule, int(req.tokens.shape[0]), K)
     n = len(token_lists)
@@ -461,6 +466,7 @@ def stream(
     row_ids: Sequence[int] | None = None,
     prefill_chunk: int = PREFILL_CHUNK,
     schedule: str = "auto",
+    sampler: str = DEFAULT_SAMPLER,
 ) -> Iterator[list[list[int]]]:
     """Yield, after prefill and after every round, the tokens each prompt gained (a list per prompt).
 
@@ -471,7 +477,7 @@ def stream(
     K, req, token_lists, shapes, stops = _prepare(
         target, draft, prompts, draft_length, row_ids, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, stop_token_ids=stop_token_ids, confidence_threshold=confidence_threshold,
-        prefill_chunk=prefill_chunk,
+        prefill_chunk=prefill_chunk, sampler=sampler,
     )
     plan = _schedule_params(target, draft, schedule, int(req.tokens.shape[0]), K)
     return _stream_rounds(target, draft, K, req, token_lists, shapes, stops, plan)

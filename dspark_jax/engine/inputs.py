@@ -210,6 +210,18 @@ def stop_token_ids(value, vocab: int) -> list[int] | None:
     return [int(x) for x in value]
 
 
+SAMPLERS = ("coupled", "rejection")
+
+
+def sampler(value) -> str:
+    """How sampled rows draw their tokens (docs/algorithm.md §3.6): "coupled" (Gumbel-max noise per position:
+    speculative output equals plain decoding's for the same seed) or "rejection" (the paper's speculative
+    sampling)."""
+    if not isinstance(value, str) or value not in SAMPLERS:
+        raise InputError(f"sampler={_show(value)}: expected one of {', '.join(map(repr, SAMPLERS))}")
+    return value
+
+
 BATCHING = ("continuous", "static")
 
 

@@ -9,6 +9,12 @@ acceptance ratio always compares the two distributions that are actually sampled
 `sample` draws a token from a row's distribution exactly at any vocabulary size (docs/algorithm.md §3.5):
 every token with `p > 0` is reachable, and its probability of being drawn equals `p / sum(p)` up to float32
 rounding of the ratios involved (a relative error of about 1e-6), however small `p` is relative to the rest.
+
+`token_at` is the one place a row's token at an absolute position is drawn, under the request's sampler
+(`SamplingParams.sampler`, docs/algorithm.md §3.6): "rejection" draws with `sample` from a key of the call
+site's role; "coupled" takes the argmax of the log-probabilities plus Gumbel noise keyed by (row, position)
+alone, so every caller (plain decoding, a draft, verification) that reaches the same position with the same
+distribution picks the same token.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ SALT_TOKEN = 1
 SALT_DRAFT = 2
 SALT_ACCEPT = 3
 SALT_RESIDUAL = 4
+SALT_COUPLED = 5  # the coupled sampler's per-position noise (shared by every role)
+
+SAMPLERS = ("coupled", "rejection")
 
 # Temperatures below this are greedy (docs/algorithm.md §3.4): dividing logits by a tiny positive temperature
 # overflows to inf and gives NaN probabilities.
@@ -197,3 +206,65 @@ def step_keys(row_keys: jax.Array, salt: int, step: jax.Array) -> jax.Array:
 def row_keys(seeds: jax.Array, rows: jax.Array) -> jax.Array:
     """Row `i`'s key derives from `(seed_i, row_i)` only, never from its batch mates."""
     return jax.vmap(lambda s, r: jax.random.fold_in(jax.random.key(s), r))(seeds, rows)
+
+
+# ---------------------------------------------------------------------------------------------- coupled
+
+
+def _mix(x: jax.Array) -> jax.Array:
+    """A bijective avalanche of uint32 words (xor-shift-multiply rounds)."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _noise_bits(key: jax.Array, V: int) -> jax.Array:
+    """`u32[V, 3]` words for one (row, position): four words drawn from the key seed a keyed bijection of the
+    token index (`_mix` rounds), and three words per token derive from it. A threefry draw of `3 V` words
+    costs ~25x more on XLA:CPU (docs/algorithm.md §3.6)."""
+    seed = jax.random.bits(key, (4,), jnp.uint32)
+    base = _mix(_mix(jnp.arange(V, dtype=jnp.uint32) ^ seed[0]) + seed[1])
+    return jnp.stack([_mix(base ^ seed[2]), _mix(base + seed[3]), _mix(_mix(base) ^ (seed[2] + seed[3]))], axis=-1)
+
+
+def gumbel_noise(keys: jax.Array, V: int) -> jax.Array:
+    """Standard Gumbel noise `[N, V]`, row `n` from `keys[n]` only: `-log(E)` with `E = -log1p(-u)` an
+    exponential variate from a full-precision uniform (`unit_floats`), so small `E` (a rare token winning)
+    keeps its exact odds down to `2^-64`."""
+    u = unit_floats(jax.vmap(lambda k: _noise_bits(k, V))(keys))
+    return -jnp.log(-jnp.log1p(-u))
+
+
+def coupled_keys(row_keys: jax.Array, positions: jax.Array) -> jax.Array:
+    """Keys `[B, ...]` of the coupled noise at absolute `positions [B, ...]` of each row."""
+    def per_row(key, at):
+        return jax.vmap(lambda q: jax.random.fold_in(jax.random.fold_in(key, SALT_COUPLED), q))(at)
+
+    flat = jax.vmap(per_row)(row_keys, positions.reshape(positions.shape[0], -1))
+    return flat.reshape(positions.shape)
+
+
+def coupled(probs: jax.Array, row_keys: jax.Array, positions: jax.Array) -> jax.Array:
+    """Gumbel-max tokens `[B, ...]` of `probs [B, ..., V]` at absolute `positions [B, ...]`: the argmax of
+    `log p + G`, `G` the noise of (row, position). An exact draw from `p / sum(p)` (a token with `p = 0` never
+    wins), and the same token for any two distributions that are equal at that position."""
+    V = probs.shape[-1]
+    keys = coupled_keys(row_keys, positions).reshape(-1)
+    noise = gumbel_noise(keys, V).reshape(probs.shape)
+    return jnp.argmax(jnp.log(probs.astype(jnp.float32)) + noise, axis=-1).astype(jnp.int32)
+
+
+def token_at(probs: jax.Array, params: SamplingParams, row_keys: jax.Array, positions: jax.Array, salt: int,
+             greedy: jax.Array | None = None) -> jax.Array:
+    """Each row's token at absolute `positions [B]` from `probs [B, V]` under the request's sampler: "coupled"
+    (`coupled`, the same noise whoever draws) or "rejection" (`sample` keyed by the role's `salt` and the
+    position). `greedy` (a scalar: every row is one-hot) skips the noise; the token is the same."""
+    if params.sampler == "coupled":
+        fn = lambda p: coupled(p, row_keys, positions)  # noqa: E731
+        if greedy is None:
+            return fn(probs)
+        return lax.cond(greedy, lambda p: jnp.argmax(p, axis=-1).astype(jnp.int32), fn, probs)
+    keys = step_keys(row_keys, salt, positions)
+    return sample(keys, probs) if greedy is None else draw(keys, probs, greedy)

@@ -112,12 +112,13 @@ def _verify_block(target, proposer, state: SpecState, drafts, probs, num_propose
         if T == 1:
             accepted = jnp.zeros((B,), jnp.int32)
             terminated = jnp.zeros((B,), bool)
-            keys = sampling.step_keys(req.keys, sampling.SALT_RESIDUAL, state.lengths + 1)
-            next_token = sampling.draw(keys, p_target[:, 0], sampling.all_greedy(req.sampling))
+            next_token = sampling.token_at(p_target[:, 0], req.sampling, req.keys, state.lengths + 1,
+                                           sampling.SALT_RESIDUAL, sampling.all_greedy(req.sampling))
         else:
             accepted, next_token, terminated = verify(
                 drafts[:, : T - 1], None if probs is None else probs[:, : T - 1], p_target, jnp.minimum(num_proposed, T - 1),
                 req.stop_ids, req.keys, state.lengths, greedy=sampling.all_greedy(req.sampling),
+                sampler=req.sampling.sampler,
             )
     with jax.named_scope("extend"):
         proposer_state = proposer.extend(state.proposer_state, verify_ids, features, state.lengths)

@@ -11,6 +11,11 @@ is cut to include it and no next token is emitted (docs/algorithm.md §5.3).
 
 A deterministic proposer (prompt lookup) passes no draft distributions: its drafts are one-hot, so the
 acceptance ratio is the target's probability of the draft and the residual is the target row without it.
+
+With the coupled sampler (docs/algorithm.md §3.6) the target's own token at each of the `K + 1` positions is
+its Gumbel-max draw with that position's noise (`sampling.coupled`), the token plain decoding would draw there;
+a draft is accepted iff it equals the target's token, and the target's token after the accepted prefix is the
+correction or bonus. The draft distributions are not read.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ def verify(
     row_keys: jax.Array,
     lengths: jax.Array,
     greedy: jax.Array | bool = False,
+    sampler: str = "rejection",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """-> (accepted `a [B]`, next token `[B]`, terminated by a stop token `[B]`).
 
@@ -47,6 +53,8 @@ def verify(
     one-hot position; the result is the same, with less work.
     """
     B, K = drafts.shape
+    if sampler == "coupled":
+        return _verify_coupled(drafts, p_target, num_proposed, stop_ids, row_keys, lengths, greedy)
     idx = drafts[..., None]
     q = jnp.take_along_axis(p_target[:, :K], idx, axis=-1)[..., 0]
     p = 1.0 if p_draft is None else jnp.take_along_axis(p_draft, idx, axis=-1)[..., 0]
@@ -57,9 +65,7 @@ def verify(
     ok = (u * p < q) & (jnp.arange(K)[None, :] < num_proposed[:, None])
     accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
-    stop_hit = is_stop(drafts, stop_ids) & (jnp.arange(K)[None, :] < accepted[:, None])
-    terminated = jnp.any(stop_hit, axis=1)
-    accepted = jnp.where(terminated, jnp.argmax(stop_hit, axis=1) + 1, accepted)
+    accepted, terminated = _cut_at_stop(drafts, accepted, stop_ids)
 
     rows = jnp.arange(B)
     target_row = p_target[rows, accepted]
@@ -75,3 +81,25 @@ def verify(
     next_probs = jnp.where(rejected[:, None], residual, target_row)
     keys = sampling.step_keys(row_keys, sampling.SALT_RESIDUAL, lengths + accepted + 1)
     return accepted, sampling.draw(keys, next_probs, jnp.asarray(greedy)), terminated
+
+
+def _cut_at_stop(drafts, accepted, stop_ids):
+    """A stop token among the accepted drafts ends the row there. -> (accepted, terminated)."""
+    stop_hit = is_stop(drafts, stop_ids) & (jnp.arange(drafts.shape[1])[None, :] < accepted[:, None])
+    terminated = jnp.any(stop_hit, axis=1)
+    return jnp.where(terminated, jnp.argmax(stop_hit, axis=1) + 1, accepted), terminated
+
+
+def _verify_coupled(drafts, p_target, num_proposed, stop_ids, row_keys, lengths, greedy):
+    """`verify` under the coupled sampler: row `i` of `p_target` is the position `lengths + i + 1`, drawn with
+    that position's noise whatever was drafted there."""
+    B, K = drafts.shape
+    positions = lengths[:, None] + 1 + jnp.arange(K + 1)[None, :]
+    target_tokens = jax.lax.cond(
+        jnp.asarray(greedy), lambda p: jnp.argmax(p, axis=-1).astype(jnp.int32),
+        lambda p: sampling.coupled(p, row_keys, positions), p_target,
+    )
+    ok = (drafts == target_tokens[:, :K]) & (jnp.arange(K)[None, :] < num_proposed[:, None])
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    accepted, terminated = _cut_at_stop(drafts, accepted, stop_ids)
+    return accepted, target_tokens[jnp.arange(B), accepted], terminated

@@ -179,7 +179,7 @@ class DSparkDraft(nnx.Module):
                 bias, rnn_state = markov.step(prev, h, rnn_state)
                 logits = logits + bias
             probs = sampling.probabilities(logits, params)
-            token = sampling.draw(sampling.step_keys(keys, sampling.SALT_DRAFT, lengths + k + 1), probs, greedy)
+            token = sampling.token_at(probs, params, keys, lengths + k + 1, sampling.SALT_DRAFT, greedy)
             conf = self.confidence(h, prev) if self.confidence_head is not None else jnp.zeros((B,), jnp.float32)
             return (token, rnn_state), (token, probs, logits, conf)
 

@@ -265,7 +265,7 @@ class V4DSparkDraft(nnx.Module):
             if markov is not None:
                 logits = logits + markov.step(prev, h, jnp.zeros((B, 0), self.dtype))[0]
             probs = sampling.probabilities(logits, params)
-            token = sampling.draw(sampling.step_keys(keys, sampling.SALT_DRAFT, lengths + k + 1), probs, greedy)
+            token = sampling.token_at(probs, params, keys, lengths + k + 1, sampling.SALT_DRAFT, greedy)
             conf = self.confidence(h, prev) if self.confidence_head is not None else jnp.zeros((B,), jnp.float32)
             return token, (token, probs, logits, conf)
 

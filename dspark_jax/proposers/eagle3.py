@@ -275,7 +275,7 @@ class Eagle3Draft(nnx.Module):
             h = out.hidden[:, 0]
             logits = self.logits(h)
             probs = sampling.probabilities(logits, params)
-            drawn = sampling.sample(sampling.step_keys(keys, sampling.SALT_DRAFT, lengths + k + 1), probs)
+            drawn = sampling.token_at(probs, params, keys, lengths + k + 1, sampling.SALT_DRAFT)
             ys = (drawn, probs, logits, h, out.attn_input[:, 0], out.attn_output[:, 0], out.mlp_output[:, 0])
             return (h, drawn if forced is None else given, fk, fv), ys
 

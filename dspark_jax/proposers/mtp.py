@@ -186,7 +186,7 @@ class MTPProposer(nnx.Module):
             g = rms_norm(x[:, 0], self.shared_head_norm[...], layer.eps)
             logits = jnp.einsum("bd,vd->bv", g, self.shared_head[...], preferred_element_type=jnp.float32)
             probs = sampling.probabilities(logits, params)
-            new = sampling.sample(sampling.step_keys(keys, sampling.SALT_DRAFT, lengths + k + 1), probs)
+            new = sampling.token_at(probs, params, keys, lengths + k + 1, sampling.SALT_DRAFT)
             return (new, g, fresh_c, fresh_pe), (new, probs)
 
         with jax.named_scope("mtp_chain"):

@@ -178,7 +178,7 @@ class V4MTPProposer(nnx.Module):
             post, comb, collapsed = layer.hc_ffn(g)
             g = hc_mix(post, comb, layer.ffn(rms_norm_fp32(collapsed, layer.ffn_norm[...], layer.eps), token[:, None]), g)
             probs = sampling.probabilities(self.logits(g[:, 0]), params)
-            new = sampling.sample(sampling.step_keys(keys, sampling.SALT_DRAFT, lengths + k + 1), probs)
+            new = sampling.token_at(probs, params, keys, lengths + k + 1, sampling.SALT_DRAFT)
             return (new, g, fresh), (new, probs)
 
         with jax.named_scope("mtp_chain"):
