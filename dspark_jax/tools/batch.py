@@ -6,7 +6,8 @@ The job is built to be killed at any moment and started again:
   ever ends in a partial line when the machine (not the process) died mid-write. On start the job truncates
   such a tail, reads the ids already answered and skips them.
 * A sidecar file `<output>.job.json` holds a fingerprint of everything that decides the answers (input file
-  contents, checkpoints, dtype, sampling settings, and in any dtype but float32 the batch size). Resuming with
+  contents, checkpoints, dtype, sampling settings and sampler, and the batch size in any dtype but float32 and
+  under the auto schedule with rejection sampling, whose answers depend on the batch). Resuming with
   different arguments is refused instead of mixing answers of two jobs in one file.
 * An exclusive lock on the output stops two jobs from appending to the same file at once.
 
@@ -77,6 +78,7 @@ class Settings:
     chat: bool = True
     batching: str = "continuous"  # or "static" (engine.generation.generate's `batching`)
     schedule: str = "auto"  # or "fixed" (engine.generation.generate's `schedule`)
+    sampler: str = "rejection"  # or "coupled" (engine.generation.generate's `sampler`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,9 +292,11 @@ def fingerprint(inputs: PromptFile, target_dir, draft_dir, dtype: str, settings:
         "dtype": str(dtype),
         **dataclasses.asdict(settings),
     }
-    # outside float32, and under the "auto" scheduler (which plans each round for the batch as a whole, so a
-    # sampled answer's realisation depends on its mates), the batch size decides answers too
-    if batch_size is not None and (str(dtype) != "float32" or settings.schedule == "auto"):
+    # outside float32, and under the "auto" scheduler with rejection sampling (which plans each round for the batch
+    # as a whole, so a sampled answer's realisation depends on its mates), the batch size decides answers too; the
+    # coupled sampler's answers do not depend on the rounds (docs/algorithm.md §3.6)
+    mates_matter = settings.schedule == "auto" and settings.sampler == "rejection"
+    if batch_size is not None and (str(dtype) != "float32" or mates_matter):
         job["batch_size"] = int(batch_size)
     if mesh is not None and str(dtype) != "float32":
         job["mesh"] = {"data": int(mesh[0]), "model": int(mesh[1])}
@@ -529,6 +533,7 @@ def _generate_batch(target, draft, batch: list[_Row | None], settings: Settings,
         draft_length=settings.draft_length,
         row_ids=[r.prompt.line for r in rows],
         schedule=settings.schedule if draft is not None else "fixed",
+        sampler=settings.sampler,
         **slots,
     )
 

@@ -108,6 +108,7 @@ def _job(args, cluster: distributed.Cluster) -> int:
         chat=not args.no_chat,
         batching=args.batching,
         schedule=args.schedule,
+        sampler=args.sampler,
     )
     for name in batch.LINE_SETTINGS:  # the flags obey the same rules as per-line values
         try:

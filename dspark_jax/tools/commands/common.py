@@ -23,6 +23,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, draft: bool = True) 
                              "matmul; bfloat16 on accelerators)")
 
 
+SAMPLERS = ("coupled", "rejection")
+DEFAULT_SAMPLER = "rejection"  # engine.generation.DEFAULT_SAMPLER (kept equal by tests/test_coupled.py)
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -30,6 +34,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--confidence-threshold", type=float, default=0.0, help="0 = propose the whole block")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
+                        help="how sampled tokens are drawn: coupled (Gumbel-max noise per position: speculative output "
+                             "equals plain decoding's for the seed, whatever the draft, schedule or batch) or rejection "
+                             "(the paper's speculative sampling); docs/algorithm.md §3.6")
 
 
 def resolve_dtype(name: str) -> str:

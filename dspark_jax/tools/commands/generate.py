@@ -37,6 +37,7 @@ def run(args) -> int:
         confidence_threshold=args.confidence_threshold,
         draft_length=getattr(args, "draft_length", None),
         schedule=args.schedule,
+        sampler=args.sampler,
     )
     s = result.stats
     print(tok.decode(result.tokens[0]))
