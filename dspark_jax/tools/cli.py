@@ -22,6 +22,7 @@ COMMANDS = {
     "train-draft": ("dspark_jax.tools.commands.train_draft", "train or resume a DSpark / DFlash draft from a YAML recipe"),
     "calibrate": ("dspark_jax.tools.calibrate", "fit STS confidence temperatures / acceptance rates of a draft (calibration.json)"),
     "build-fixture": ("dspark_jax.tools.commands.build_fixture", "train the built-in target + DSpark/DFlash pair from scratch"),
+    "plan": ("dspark_jax.tools.commands.plan", "will it fit a TPU slice, how fast: compile for it ahead of time from configs"),
 }
 
 
