@@ -55,7 +55,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--drafts", default="dspark,dflash,eagle3")
     parser.add_argument("--out", default=str(RESULTS / "sampler_coupled"))
+    parser.add_argument("--timing", action="store_true",
+                        help="instead: interleaved warm timings of both samplers (DSpark draft, the gsm8k prompts, "
+                             "fixed rounds), ms per round, into <out>_timing.json")
+    parser.add_argument("--repetitions", type=int, default=3)
     args = parser.parse_args()
+    if args.timing:
+        return timing(args)
 
     target = dj.load_target(assets.TARGET, dtype="float32")
     tok = target.tokenizer
@@ -100,6 +106,36 @@ def main() -> None:
                      f"{r['ratio']:.2f} | {r['identical_to_plain']} |")
     Path(args.out + ".table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def timing(args) -> None:
+    """Round cost of each sampler: the same call (one batch of the set's prompts, a fixed seed) warm, interleaved.
+    Greedy-free rows at T = 1; the rounds differ between samplers (their acceptance does), so compare ms per
+    round as well as tokens per second."""
+    target = dj.load_target(assets.TARGET, dtype="float32")
+    draft = dj.load_draft(DRAFTS["dspark"], dtype="float32")
+    tok = target.tokenizer
+    texts = read_prompt_set(default_prompt_dir() / "gsm8k.jsonl")[: args.prompts]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                                  tokenize=False), add_special_tokens=False) for t in texts]
+    common = dict(max_new_tokens=args.new_tokens, temperature=1.0, seed=0, schedule="fixed")
+    arms = {s: (lambda s=s: dj.generate(target, draft, prompts, sampler=s, **common)) for s in ("coupled", "rejection")}
+    arms["plain_coupled"] = lambda: dj.generate(target, None, prompts, sampler="coupled", **common)
+    arms["plain_rejection"] = lambda: dj.generate(target, None, prompts, sampler="rejection", **common)
+    timings = bench.interleave(arms, args.repetitions, log=log)
+    rows = []
+    for name, t in timings.items():
+        stats = t.result.stats
+        rounds = max(stats.rounds)  # the batch's loop runs until its longest row is done
+        best = min(t.times_s)
+        rows.append({"arm": name, "best_s": best, "median_s": sorted(t.times_s)[len(t.times_s) // 2],
+                     "loop_rounds": rounds, "ms_per_loop_round": 1000 * best / rounds,
+                     "tokens": sum(stats.num_generated), "tokens_per_s": sum(stats.num_generated) / best,
+                     "tau": stats.mean_acceptance_length})
+        log(json.dumps(rounded(rows[-1])))
+    meta = {"machine": bench.machine(), "prompts": len(prompts), "new_tokens": args.new_tokens, "temperature": 1.0,
+            "draft": "dspark", "set": "gsm8k", "repetitions": args.repetitions}
+    Path(args.out + "_timing.json").write_text(json.dumps({"meta": meta, "rows": [rounded(r) for r in rows]}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
