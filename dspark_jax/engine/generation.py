@@ -7,9 +7,12 @@ returns tokens in input order with statistics.
 
 What the output promises, per dtype:
 
-* float32: sampled output follows the target distribution exactly (docs/algorithm.md §5.7, §3.5); greedy
-  speculative output equals plain greedy decoding token for token; a row's output does not depend on its batch
-  mates or the batch size (docs/caches.md §8).
+* float32: sampled output follows the target distribution exactly under either sampler (docs/algorithm.md
+  §5.7, §3.5, §3.6); greedy speculative output equals plain greedy decoding token for token; with
+  `sampler="coupled"` sampled speculative output equals sampled plain decoding token for token, whatever the
+  draft, K or schedule; a row's output does not depend on its batch mates or the batch size (docs/caches.md §8),
+  except with `sampler="rejection"` under `schedule="auto"`, where the scheduler plans each round for the batch
+  as a whole and a row's draws follow how many drafts it verified (greedy rows excepted).
 * bfloat16: sampled output still follows the distribution of the target *as computed in bf16* exactly: the
   acceptance test compares the very distributions that were sampled from. But bf16 logits of a row can change
   with the shapes of the program (batch size, padded prompt length, verifying K + 1 tokens vs decoding one) by
@@ -314,6 +317,11 @@ def generate(
     machine, possibly none, and runs a plain AR step when speculation cannot pay (docs/algorithm.md §4.5);
     "fixed" verifies every row's whole proposal (the block, or its `confidence_threshold` prefix).
     Statistics' `proposal_lengths` are the drafts verified per round (the scheduled lengths).
+    `sampler` (sampled rows; greedy ones are unaffected): "coupled" draws the token at each position as the
+    argmax of the processed log-probabilities plus Gumbel noise keyed by (seed, row id, position), and accepts a
+    draft iff it is the target's token there, so the answers are plain decoding's for the same seed whatever the
+    draft, K, schedule or batch; "rejection" is the paper's speculative sampling, with higher acceptance
+    (docs/algorithm.md §3.6, benchmarks/results/sampler_coupled.md). Both are exact.
     Returns tokens per prompt (input order, cut after the first stop token inclusive) and statistics.
     `batch_size` (B): run any number of prompts through B decode slots. `batching="continuous"` (the default
     with a `batch_size`) refills a slot with the next prompt as soon as its answer ends, prefilling it chunk by
