@@ -117,3 +117,19 @@ def to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def batch_is_split() -> bool:
+    """Whether the active mesh splits the `batch` axis over several devices (rows then live on different devices,
+    so a program must not gather rows across them)."""
+    mesh = active_mesh()
+    axis = RULES["batch"]
+    return mesh is not None and axis in mesh.shape and mesh.shape[axis] > 1
+
+
+def platform() -> str:
+    """The platform (`"cpu"`, `"tpu"`, `"gpu"`) the program being traced is compiled for: the active mesh's devices,
+    else the default backend (ahead-of-time compiles for a TPU topology trace under a mesh of TPU devices)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()

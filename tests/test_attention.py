@@ -1,6 +1,7 @@
 """The shared attention (layers/attention.py) against a NumPy softmax written here, for caches longer than
-`EXTENT_BLOCK`: the cut to the used extent (docs/caches.md §10) must not change any output, whichever ladder
-size the mask selects, for linear caches, a wrapped ring and a batch whose rows use different extents."""
+`EXTENT_BLOCK`: streaming a cache block by block to its used extent (docs/caches.md §10) must not change any
+output, whatever extent the mask selects, for linear caches, a wrapped ring and a batch whose rows use different
+extents."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from dspark_jax.layers import kv_cache
-from dspark_jax.layers.attention import EXTENT_BLOCK, attention, extent_sizes
+from dspark_jax.layers.attention import EXTENT_BLOCK, MAX_BLOCKS, attention, block_size
 
 B, T, N, G, H = 2, 3, 4, 2, 8
 
@@ -46,9 +47,11 @@ def random_parts(S, lengths, window=None, seed=0):
     return q, cached, own
 
 
-def test_ladder():
-    assert extent_sizes(EXTENT_BLOCK + 1) == (EXTENT_BLOCK, EXTENT_BLOCK + 1)
-    assert extent_sizes(5 * EXTENT_BLOCK) == (EXTENT_BLOCK, 2 * EXTENT_BLOCK, 4 * EXTENT_BLOCK, 5 * EXTENT_BLOCK)
+def test_block_size():
+    assert block_size(EXTENT_BLOCK + 1) == EXTENT_BLOCK
+    assert block_size(MAX_BLOCKS * EXTENT_BLOCK) == EXTENT_BLOCK
+    assert block_size(MAX_BLOCKS * EXTENT_BLOCK + 1) == 2 * EXTENT_BLOCK
+    assert block_size(32768) * MAX_BLOCKS >= 32768
 
 
 @pytest.mark.parametrize("lengths", [(0, 0), (5, 1), (5, EXTENT_BLOCK + 3), (700, 40), (999, 998), (1000, 1000)])

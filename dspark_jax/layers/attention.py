@@ -5,12 +5,13 @@ separate parts avoids copying the cache and lets a ring buffer be written after 
 than the ring). Masks are boolean `[B, T, S_part]`; a masked score gets a large finite negative value so a
 row with nothing visible stays finite (callers that need exact zeros there zero those rows).
 
-Attention costs what is used, not what is allocated: a part longer than `EXTENT_BLOCK` keys (a cache of
-`capacity` slots) is read, for each row, only up to the last key that row's queries see, rounded up to a size
-of the ladder `EXTENT_BLOCK * 2**i`. Rows are sorted by that size and attended in at most `ROW_GROUPS`
-groups, each at its own size (`lax.switch` over the sizes; docs/caches.md §10), so a long row makes only its
-group long. Keys past that point are masked for every query of the group, so dropping them leaves the softmax
-unchanged. Cached parts may be arrays or `kv_cache.Stacked` layer views, which copy only what is read.
+Attention costs what is used, not what is allocated (docs/caches.md §10): a part longer than `EXTENT_BLOCK`
+keys (a cache of `capacity` slots) is streamed in key blocks of `block_size(S)` positions with an online
+softmax, a loop whose trip count is the used extent (the last key any query of the rows sees), so nothing
+past it is read. On XLA:CPU, consecutive rows are attended in at most `ROW_GROUPS` groups, each streamed to its own
+extent, so a long row makes only its group long. The loop reads the cache where it lies (arrays or
+`kv_cache.Stacked` layer views, sliced block by block), with no branch that receives the whole cache: XLA
+(on TPU too) then never copies a cache to run attention (tests/test_aot.py).
 """
 
 from __future__ import annotations
@@ -20,94 +21,112 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from dspark_jax import sharding
 from dspark_jax.layers.kv_cache import read, take
 
 MASKED = -1e30
-EXTENT_BLOCK = 256  # parts longer than this are read up to their used extent (the smallest ladder size)
-
-
-def extent_sizes(S: int) -> tuple[int, ...]:
-    """The sizes a part of `S` keys may be cut to: `EXTENT_BLOCK * 2**i` below `S`, then `S`."""
-    sizes, e = [], EXTENT_BLOCK
-    while e < S:
-        sizes.append(e)
-        e *= 2
-    return (*sizes, S)
-
+EXTENT_BLOCK = 256  # parts longer than this are streamed to their used extent, in blocks of at least this size
+MAX_BLOCKS = 16  # ... and of at most this many blocks (longer parts take larger blocks: fewer loop trips)
 
 Part = tuple  # (k [B, S, G, H], v [B, S, G, H'], mask [B, T, S]); k and v arrays or `kv_cache.Stacked` layers
 
-
 ROW_GROUPS = 8  # a batch's rows are attended in at most this many groups, each read to its own extent
-GROUP_ROWS = 8  # ... of at most this many rows (copied one by one); larger batches are read as one group
+GROUP_ROWS = 8  # ... of at most this many rows; larger batches are read as one group
+
+
+def block_size(S: int) -> int:
+    """Key block streamed per loop trip for a part of `S` keys: `EXTENT_BLOCK * 2**i`, at most `MAX_BLOCKS` trips."""
+    size = EXTENT_BLOCK
+    while size * MAX_BLOCKS < S:
+        size *= 2
+    return size
 
 
 def attention(q: jax.Array, cached: Sequence[Part], own: Part, scale: float) -> jax.Array:
     """`q [B, T, N, H]` against earlier parts `cached` (caches, injected context) and the block's own keys
     `own`, all in one softmax -> `[B, T, N, H']`.
 
-    Query head n uses KV head n // (N // G). Scores and softmax in fp32, probabilities cast to the value
-    dtype for the value product (fp32 accumulation). Cached parts longer than `EXTENT_BLOCK` are read only up
-    to their used extent (module docstring); the block's own keys are always all used.
+    Query head n uses KV head n // (N // G). Scores and softmax statistics in fp32, probabilities cast to the
+    value dtype for the value product (fp32 accumulation). Cached parts longer than `EXTENT_BLOCK` are read only
+    up to their used extent (module docstring); the block's own keys are always all used.
     """
-    longest = max((k.shape[1] for k, _, _ in cached), default=0)
-    if longest <= EXTENT_BLOCK:
-        return _attend(q, [(read(k), read(v), m) for k, v, m in cached] + [own], scale)
-    sizes = extent_sizes(longest)
-    # per row: the ladder step that holds every cached part's last key the row's queries see
-    need = jnp.zeros(q.shape[:1], jnp.int32)
-    for k, _, mask in cached:
-        if k.shape[1] > EXTENT_BLOCK:
-            used = jnp.max(jnp.where(jnp.any(mask, axis=1), jnp.arange(1, k.shape[1] + 1), 0), axis=1)
-            need = jnp.maximum(need, jnp.searchsorted(jnp.asarray(sizes), used).astype(jnp.int32))
+    long = [p for p in cached if p[0].shape[1] > EXTENT_BLOCK]
+    short = [p for p in cached if p[0].shape[1] <= EXTENT_BLOCK]
+    if not long:
+        return _attend(q, [(read(k), read(v), m) for k, v, m in short] + [own], scale)
+    # per row and long part: one past the last key the row's queries see
+    used = [jnp.max(jnp.where(jnp.any(m, axis=1), jnp.arange(1, k.shape[1] + 1), 0), axis=1).astype(jnp.int32)
+            for k, _, m in long]
     B = q.shape[0]
     width = -(-B // ROW_GROUPS)
-    if B == 1 or width > GROUP_ROWS:
-        return _cut_to(sizes, jnp.max(need), None, q, cached, own, scale)
-    # rows sorted by their extent, then attended `width` at a time: a long row makes only its own group long
-    order = jnp.argsort(need).astype(jnp.int32)
-    groups = -(-B // width)
-
-    def group(g, out):
-        rows = order[jnp.minimum(g * width + jnp.arange(width), B - 1)]  # the last group may repeat a row
-        o = _cut_to(sizes, jnp.max(need[rows]), rows, q, cached, own, scale)
-        for i in range(width):
-            out = jax.lax.dynamic_update_index_in_dim(out, o[i], rows[i], 0)
-        return out
-
-    out = jnp.zeros(q.shape[:3] + own[1].shape[-1:], q.dtype)
-    return jax.lax.fori_loop(0, groups, group, out)
+    if B == 1 or width > GROUP_ROWS or sharding.batch_is_split() or sharding.platform() != "cpu":
+        return _stream(None, q, short, long, used, own, scale)
+    # XLA:CPU: consecutive rows attended `width` at a time, each group streamed to its own extent, so a long row
+    # makes only its group long. Elsewhere one stream reads every row: for several loops over slices of the rows,
+    # XLA:TPU re-lays out (copies) the whole stacked cache (docs/caches.md §10)
+    outs = [_stream(slice(r, min(r + width, B)), q, short, long, used, own, scale) for r in range(0, B, width)]
+    return jnp.concatenate(outs, axis=0)
 
 
-def _cut_to(sizes, need, rows, q, cached, own, scale):
-    """Attention for batch rows `rows` (a static number of them; None: every row), every cached part read to
-    `sizes[need]` positions."""
+def _scores(qg: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Masked fp32 scores `[B, G, n, T, S]` of grouped queries `qg [B, T, G, n, H]` against keys `k [B, S, G, H]`."""
+    s = jnp.einsum("btgnh,bsgh->bgnts", qg, k, preferred_element_type=jnp.float32) * scale
+    return jnp.where(mask[:, None, None, :, :], s, MASKED)
 
-    def cut(size: int):
-        def branch(rows, q, cached, own):
-            kept = [(take(k, rows, size), take(v, rows, size), take(m, rows, size, axis=2)) for k, v, m in cached]
-            mine = tuple(take(x, rows) for x in own)
-            return _attend(take(q, rows), [*kept, mine], scale)
 
-        return branch
+def _values(p: jax.Array, v: jax.Array) -> jax.Array:
+    return jnp.einsum("bgnts,bsgh->bgnth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
-    return jax.lax.switch(need, [cut(size) for size in sizes], rows, q, list(cached), own)
+
+def _stream(rows, q, short, long, used, own, scale):
+    """Attention for batch rows `rows` (a static `slice`; None: every row): the short parts and the
+    block's own keys in one softmax, then each long part streamed block by block up to the rows' extent,
+    folded in with the online-softmax rescaling (running max `m`, sum `l`, weighted values `acc`)."""
+    qr = take(q, rows)
+    b, T, N, H = qr.shape
+    G = own[0].shape[2]
+    qg = qr.reshape(b, T, G, N // G, H)
+    direct = [(take(k, rows), take(v, rows), take(m, rows)) for k, v, m in short] + [tuple(take(x, rows) for x in own)]
+    s = jnp.concatenate([_scores(qg, k, m, scale) for k, _, m in direct], axis=-1)
+    m = jnp.max(s, axis=-1)
+    p = jnp.exp(s - m[..., None])
+    l = jnp.sum(p, axis=-1)
+    acc, offset = None, 0
+    for k, v, _ in direct:
+        o = _values(p[..., offset : offset + k.shape[1]], v)
+        offset += k.shape[1]
+        acc = o if acc is None else acc + o
+    for (k, v, mask), u in zip(long, used):
+        S = k.shape[1]
+        C = block_size(S)
+        extent = jnp.max(take(u, rows))
+        trips = (extent + C - 1) // C
+
+        def fold(c, state, k=k, v=v, mask=mask, S=S, C=C):
+            m, l, acc = state
+            start = jnp.minimum(c * C, S - C)  # the last block ends at S; keys before c * C were folded in already
+            fresh = (start + jnp.arange(C) >= c * C)[None, None, :]
+            s = _scores(qg, take(k, rows, C, start=start), take(mask, rows, C, axis=2, start=start) & fresh, scale)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            rescale = jnp.exp(m - m_new)
+            p = jnp.exp(s - m_new[..., None])
+            acc = acc * rescale[..., None] + _values(p, take(v, rows, C, start=start))
+            return m_new, l * rescale + jnp.sum(p, axis=-1), acc
+
+        m, l, acc = jax.lax.fori_loop(0, trips, fold, (m, l, acc))
+    out = acc / l[..., None]  # [b, G, n, T, H']
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, T, N, out.shape[-1]).astype(q.dtype)
 
 
 def _attend(q: jax.Array, parts, scale: float) -> jax.Array:
     B, T, N, H = q.shape
     G = parts[0][0].shape[2]
     qg = q.reshape(B, T, G, N // G, H)
-    scores = []
-    for k, _, mask in parts:
-        s = jnp.einsum("btgnh,bsgh->bgnts", qg, k, preferred_element_type=jnp.float32) * scale
-        scores.append(jnp.where(mask[:, None, None, :, :], s, MASKED))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    probs = jax.nn.softmax(jnp.concatenate([_scores(qg, k, m, scale) for k, _, m in parts], axis=-1), axis=-1)
     out = None
     offset = 0
     for k, v, _ in parts:
-        p = probs[..., offset : offset + k.shape[1]].astype(v.dtype)
+        o = _values(probs[..., offset : offset + k.shape[1]], v)
         offset += k.shape[1]
-        o = jnp.einsum("bgnts,bsgh->btgnh", p, v, preferred_element_type=jnp.float32)
         out = o if out is None else out + o
-    return out.reshape(B, T, N, v.shape[-1]).astype(q.dtype)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, v.shape[-1]).astype(q.dtype)

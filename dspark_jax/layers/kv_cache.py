@@ -54,23 +54,23 @@ class Stacked:
         return self.array.shape[1:]
 
 
-def take(x: jax.Array | Stacked, rows: jax.Array | None = None, size: int | None = None, axis: int = 1) -> jax.Array:
-    """Batch rows `rows` (a static number of them; all rows when None) of `x` (`[B, ...]`, or a `Stacked`
-    layer), cut to the first `size` entries along `axis` (positions; all by default), copying only those."""
+def take(x: jax.Array | Stacked, rows: slice | None = None, size: int | None = None, axis: int = 1,
+         start: jax.Array | int = 0) -> jax.Array:
+    """Batch rows `rows` (a static `slice` of consecutive rows; all rows when None) of `x` (`[B, ...]`, or a
+    `Stacked` layer), cut to `size` entries along `axis` (positions) from `start` (all by default), copying only
+    those. The caller keeps `start + size` within the axis (a dynamic slice would otherwise shift its start)."""
     array, lead = (x.array, (x.index,)) if isinstance(x, Stacked) else (x, ())
     shape = list(array.shape[len(lead):])
+    starts = [0] * len(shape)
     if size is not None:
         shape[axis] = min(size, shape[axis])
-    if rows is None:
-        if not lead and tuple(shape) == x.shape:
-            return x
-        return jax.lax.dynamic_slice(array, lead + (0,) * len(shape), [1] * len(lead) + shape).reshape(shape)
-    shape[0] = 1
-    parts = [
-        jax.lax.dynamic_slice(array, lead + (rows[i],) + (0,) * (len(shape) - 1), [1] * len(lead) + shape).reshape(shape)
-        for i in range(rows.shape[0])
-    ]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+        starts[axis] = start
+    if rows is not None:
+        first, stop, _ = rows.indices(shape[0])
+        starts[0], shape[0] = first, stop - first
+    if not lead and tuple(shape) == x.shape:
+        return x
+    return jax.lax.dynamic_slice(array, lead + tuple(starts), [1] * len(lead) + shape).reshape(shape)
 
 
 def read(x: jax.Array | Stacked, size: int | None = None) -> jax.Array:
