@@ -22,7 +22,9 @@ over the program as it executes (docs/tpu.md §3).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -480,13 +482,18 @@ def _compile(tcfg, dcfg, program, topo, mesh, batch, capacity, dt, K, prompt_len
         if K > proposer.max_draft_length:
             raise AOTError(f"K={K} exceeds the draft's maximum of {proposer.max_draft_length} tokens per round")
     K = int(K or 0)
+    from dspark_jax.engine.generation import bucket
+
+    notes: list[str] = []
+    if bucket(batch) != batch:  # the engine pads a batch to a power of two (`generation.build_requests`)
+        notes.append(f"batch {batch} runs padded to {bucket(batch)} rows, as the engine pads it")
+        batch = bucket(batch)
     target = nnx.merge(tg, tp)
     P = int(prompt_len or min(512, max(16, capacity // 4)))
     if P + K + 2 > capacity:
         raise AOTError(f"capacity={capacity} is too small: a {P}-token prompt and a round of {K + 1} tokens need "
                        f"{P + K + 2} positions")
     max_new = capacity - P - K - 1
-    notes: list[str] = []
     t0 = time.perf_counter()
     # host arrays are made before the mesh is entered: under `jax.set_mesh` they would go to compile-only devices
     # (docs/tpu.md §1)
@@ -560,15 +567,32 @@ def _lower(program, tg, tp, pg, pp, target, tcfg, dcfg, dt, req, shapes, schedul
     return lowered, cache_tree, threshold_tree
 
 
+COMPILED_CACHE_SIZE = 8
+_COMPILED: collections.OrderedDict = collections.OrderedDict()  # (topology, lowered text hash) -> (compiled, oom)
+
+
+def clear_cache() -> None:
+    """Forget the programs compiled in this process (`compile` keeps the last `COMPILED_CACHE_SIZE`)."""
+    _COMPILED.clear()
+
+
 def _finish(lowered, program, topo, mesh, batch, capacity, dt, K, tp, pp, cache_tree, threshold_tree, lower_s, notes):
     compiled, oom = None, ""
     t1 = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # XLA:TPU reports out-of-HBM as RESOURCE_EXHAUSTED at compile time
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        oom = str(e).splitlines()[0]
+    key = (topo.name, hashlib.sha256(lowered.as_text().encode()).hexdigest())
+    if key in _COMPILED:  # the same program for the same slice (a plan re-asking, tests): XLA would redo it all
+        compiled, oom = _COMPILED[key]
+        _COMPILED.move_to_end(key)
+    else:
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # XLA:TPU reports out-of-HBM as RESOURCE_EXHAUSTED at compile time
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            oom = str(e).splitlines()[0]
+        _COMPILED[key] = (compiled, oom)
+        while len(_COMPILED) > COMPILED_CACHE_SIZE:
+            _COMPILED.popitem(last=False)
     compile_s = time.perf_counter() - t1
     param_bytes = per_device_bytes(tp) + (per_device_bytes(pp) if pp is not None else 0)
     cache_bytes = per_device_bytes(cache_tree) if cache_tree is not None else 0
@@ -967,6 +991,6 @@ def dumps(obj) -> str:
 
 
 __all__ = ["AOTError", "AOTProgram", "CHIPS", "Chip", "CycleEstimate", "PROGRAMS", "Report", "Topology",
-           "cache_array_bytes", "compile", "draft_config", "estimate_cycles", "host_transfers", "make_mesh",
+           "cache_array_bytes", "clear_cache", "compile", "draft_config", "estimate_cycles", "host_transfers", "make_mesh",
            "parse_hlo", "parse_mesh", "report", "target_config", "topology", "versions", "whole_cache_copies",
            "wide_types"]

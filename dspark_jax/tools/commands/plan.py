@@ -6,7 +6,7 @@ fits, the largest batch that fits at that context, and the estimated step and ro
 
 The largest batch comes from an analytic model validated against compiles (docs/tpu.md §5): per-chip bytes of the
 larger program (the round with a draft) are linear in the batch, `a + b x batch`, fitted through two compiles; the
-batch it predicts is compiled, and halved towards the last fitting batch until a compile fits.
+largest power-of-two batch it predicts is compiled, and bisected towards the last fitting batch if it does not fit.
 """
 
 from __future__ import annotations
@@ -107,60 +107,58 @@ def run(args) -> int:
     return 0
 
 
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
 def _largest_batch(build, program, first, args, data: int):
-    """(largest fitting batch or 0, how it was found): the linear model a + b x batch through two compiles, validated
-    by compiling its prediction (halving towards the last fitting batch when that does not fit)."""
-    compiled: list[tuple[int, bool]] = [(args.batch, first.fits)]
-    step = max(1, data)
+    """(largest fitting batch or 0, how it was found). Batches are powers of two (the engine pads to one). The linear
+    model a + b x batch goes through two compiles; its prediction is compiled, then bisected (over powers of two)
+    towards the last fitting batch when it does not fit."""
+    compiled: list[tuple[int, bool]] = [(first.batch, first.fits)]
+    step = _pow2_floor(max(1, data))
+    cap = _pow2_floor(args.max_batch)
     points = {}
     if first.fits:
-        points[args.batch] = first.total_bytes
+        points[first.batch] = first.total_bytes
     else:  # shrink until something fits
-        b = args.batch
+        b = first.batch
         while b > step and not points:
-            b = max(step, (b // 2) // step * step)
+            b //= 2
             r = build(program, b)
             compiled.append((b, r.fits))
             if r.fits:
                 points[b] = r.total_bytes
         if not points:
             return 0, {"method": "compiles: nothing fits", "compiled": compiled}
-    lo = max(points)
+    best = max(points)
     if len(points) < 2:
-        other = min(lo * 2, args.max_batch)
-        if other == lo:
-            return lo, {"method": "compile at the cap", "compiled": compiled}
+        other = min(best * 2, cap)
+        if other <= best:
+            return best, {"method": "compiled at the cap (--max-batch)", "compiled": compiled}
         r = build(program, other)
         compiled.append((other, r.fits))
-        if r.fits:
-            points[other] = r.total_bytes
-        else:
-            return _bisect(build, program, lo, other, compiled, step)
+        if not r.fits:
+            return best, {"method": "compiles: twice the batch does not fit", "compiled": compiled}
+        points[other] = r.total_bytes
+        best = other
     (b1, m1), (b2, m2) = sorted(points.items())[-2:]
-    hbm = first.hbm_bytes
     per_row = max((m2 - m1) / (b2 - b1), 1.0)
-    predicted = int((hbm - (m1 - per_row * b1)) // per_row)
-    predicted = min(args.max_batch, max(step, predicted // step * step))
-    best = max(b for b in points)
+    predicted = int((first.hbm_bytes - (m1 - per_row * b1)) // per_row)
+    predicted = min(cap, max(step, _pow2_floor(predicted)))
+    info = {"bytes_per_row": per_row, "fixed_bytes": m1 - per_row * b1, "predicted": predicted, "compiled": compiled}
     if predicted <= best:
-        return best, {"method": "linear model from compiles", "bytes_per_row": per_row, "compiled": compiled}
+        return best, info | {"method": "linear model from two compiles"}
     r = build(program, predicted)
     compiled.append((predicted, r.fits))
     if r.fits:
-        return predicted, {"method": "linear model from compiles, prediction compiled and fits", "bytes_per_row": per_row,
-                           "compiled": compiled}
-    found, info = _bisect(build, program, best, predicted, compiled, step)
-    info["bytes_per_row"] = per_row
-    return found, info
-
-
-def _bisect(build, program, good: int, bad: int, compiled, step: int, budget: int = 3):
-    """Halve the gap between a fitting and a failing batch, at most `budget` more compiles."""
-    for _ in range(budget):
-        mid = (good + bad) // 2 // step * step
+        return predicted, info | {"method": "linear model from two compiles; its prediction compiled and fits"}
+    good, bad = best, predicted
+    for _ in range(3):  # bisect over powers of two
+        mid = 1 << ((good.bit_length() + bad.bit_length() - 2) // 2)
         if mid <= good:
             break
         r = build(program, mid)
         compiled.append((mid, r.fits))
         good, bad = (mid, bad) if r.fits else (good, mid)
-    return good, {"method": "linear model from compiles, then bisection by compiles", "compiled": compiled}
+    return good, info | {"method": "linear model from two compiles; its prediction did not fit: bisection by compiles"}
