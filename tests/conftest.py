@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# `schedule="auto"` on checkpoints from disk uses the constant-ratio cost model, not a profile of this machine
-# (docs/algorithm.md §4.4): no test depends on timings, and profiling each target, draft and batch size cost
-# minutes of the suite; tests/test_schedule.py profiles explicitly. Subprocesses inherit it.
+# `schedule="auto"` uses the constant-ratio cost model, not the compiled-program model or a stored profile
+# (docs/algorithm.md §4.4): analysing each target, draft and batch size would add compiles to the suite;
+# tests/test_schedule.py checks the other two explicitly. Subprocesses inherit it.
 os.environ.setdefault("DSPARK_JAX_PROFILE", "0")
 
 import jax  # noqa: E402

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -420,17 +421,34 @@ def _schedule_params(target: Target, draft: Draft | None, schedule, batch: int, 
         return None
     # built once per (target, draft, batch, K) and calibration file: reading the cost profile and the
     # calibration and moving them to the device cost a few milliseconds per call
+    return schedule_plan(target, draft, batch, K)[0]
+
+
+def schedule_plan(target: Target, draft: Draft, batch: int, K: int):
+    """(`ScheduleParams`, `schedule.Costs`) of `schedule="auto"` for this target, draft, batch and K: the cost
+    model (a stored `dspark-jax profile` for exactly this key, else the deterministic compiled-program model;
+    `engine.schedule.schedule_costs`) and the draft's calibration. The first time per (target, draft, batch,
+    K) it says on stderr, in one line, which cost model it uses."""
+    from dspark_jax.engine import schedule as sched
+
     cal = sched.calibration_path(getattr(draft, "directory", None))
     key = (id(target), batch, K, cal.stat().st_mtime_ns if cal is not None and cal.is_file() else None)
     plans = _PLANS.setdefault(draft, {})
-    ref, plan = plans.get(key, (None, None))
+    ref, plan, costs = plans.get(key, (None, None, None))
     if ref is None or ref() is not target:
-        plan = sched.params_for(target, draft, batch, K)
-        plans[key] = (weakref.ref(target), plan)
-    return plan
+        costs = sched.schedule_costs(target, draft, batch, K)
+        plan = sched.params_for(target, draft, batch, K, costs=costs)
+        plans[key] = (weakref.ref(target), plan, costs)
+        print(sched.describe_costs(costs, batch, K), file=sys.stderr, flush=True)
+    return plan, costs
 
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft -> {key: (target ref, ScheduleParams)}
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # draft -> {key: (target ref, plan, Costs)}
+
+
+def forget_plans(draft: Draft) -> None:
+    """Drop the scheduler inputs built for `draft` (after `dspark_jax.profile` stored a new profile)."""
+    _PLANS.pop(draft, None)
 
 
 def _ar_stats(count, tokens, reasons, wall, slot_rounds=0) -> GenerationStats:

@@ -47,6 +47,9 @@ class SpecState:
     # f32[B, S] per-row, per-position conditional acceptance estimate from earlier rounds (negative: none yet);
     # read by `schedule="auto"` (engine/schedule.py), width S >= K or the missing positions use the prior
     acceptance_estimate: jax.Array | None = None
+    # i32[B, 2] (rounds until this row's next probe round, its current probe interval): `schedule="auto"`
+    # speculates now and then even where the estimate says it does not pay (engine/schedule.py, probes)
+    probe: jax.Array | None = None
 
 
 def _round_limit(state_lengths, req: Requests):
@@ -92,6 +95,7 @@ def begin(target_cache, proposer_state, first: jax.Array, req: Requests, out_len
         accepted_lengths=zeros,
         req=req,
         acceptance_estimate=jnp.full((B, estimate_slots), -1.0, jnp.float32),
+        probe=jnp.full((B, 2), sched.PROBE_FIRST, jnp.int32),
     )
 
 
@@ -125,7 +129,8 @@ def _verify_block(target, proposer, state: SpecState, drafts, probs, num_propose
     return target_cache, proposer_state, accepted, next_token, terminated
 
 
-def _commit(state: SpecState, K: int, capacity: int, drafts, scheduled, verified, estimate=None) -> SpecState:
+def _commit(state: SpecState, K: int, capacity: int, drafts, scheduled, verified, estimate=None,
+            probe=None) -> SpecState:
     """Bookkeeping after verification (docs/caches.md: `lengths` alone decides what counts)."""
     target_cache, proposer_state, accepted, next_token, terminated = verified
     req = state.req
@@ -160,6 +165,7 @@ def _commit(state: SpecState, K: int, capacity: int, drafts, scheduled, verified
         proposal_lengths=record(state.proposal_lengths, jnp.where(terminated, accepted, scheduled)),
         accepted_lengths=record(state.accepted_lengths, accepted),
         acceptance_estimate=state.acceptance_estimate if estimate is None else estimate,
+        probe=state.probe if probe is None else probe,
     )
 
 
@@ -190,7 +196,10 @@ def step(target, proposer, state: SpecState, K: int, capacity: int, *, schedule:
         # earlier rounds only: non-anticipating, so the global best of the walk is safe here (§4.5)
         lengths_est, theta_est = sched.prefix_schedule(jnp.cumprod(est, axis=1), live, costs, early_stop=False)
         R = jnp.sum(live).astype(jnp.float32)
-        speculate = (theta_est > R / schedule.verify_cost[0]) & jnp.any(lengths_est > 0)
+        pays = (theta_est > R / schedule.verify_cost[0]) & jnp.any(lengths_est > 0)
+        # a probe round: the estimate says no, but a live row's probe is due (round counts only: exact, §4.5)
+        probe = ~pays & jnp.any(live & (state.probe[:, 0] <= 0))
+        speculate = pays | probe
     B = state.pending.shape[0]
 
     # Both kinds of round, and each verify budget below, are loops of zero or one trips
@@ -201,7 +210,8 @@ def step(target, proposer, state: SpecState, K: int, capacity: int, *, schedule:
         verified = _verify_block(target, proposer, state, drafts, None, jnp.zeros((B,), jnp.int32), 1)
         zero = jnp.zeros((B,), jnp.int32)
         new_est = sched.update_estimate(state.acceptance_estimate, est, schedule.prior, zero, zero, live)
-        return _commit(state, K, capacity, drafts, zero, verified, new_est)
+        return _commit(state, K, capacity, drafts, zero, verified, new_est,
+                       sched.update_probe(state.probe, live, pays, probe, zero > 0))
 
     def spec_round(state):
         with jax.named_scope("propose"):
@@ -215,6 +225,7 @@ def step(target, proposer, state: SpecState, K: int, capacity: int, *, schedule:
             lengths, _ = sched.prefix_schedule(survival, live, costs, early_stop=True)
             lengths = jnp.where(live, jnp.minimum(lengths, proposal.num_proposed), 0)
             which = sched.bucket_index(jnp.max(lengths) + 1, K)
+            which = jnp.where(probe, len(sched.buckets(K)) - 1, which)  # a probe verifies whole proposals
             # the budget is paid for every row: each live row verifies what it holds of its proposal (§4.5)
             budget = jnp.asarray(sched.buckets(K), jnp.int32)[which] - 1
             scheduled = jnp.where(live, jnp.minimum(budget, proposal.num_proposed), 0).astype(jnp.int32)
@@ -229,8 +240,14 @@ def step(target, proposer, state: SpecState, K: int, capacity: int, *, schedule:
                 carry = decode.at_most_once(which == i, verify_at, carry)
         with jax.named_scope("commit"):
             accepted = carry[2]
-            new_est = sched.update_estimate(state.acceptance_estimate, est, schedule.prior, scheduled, accepted, live)
-            return _commit(state, K, capacity, proposal.tokens, scheduled, carry, new_est)
+            evidence = sched.round_evidence(proposal, schedule.temperatures, req.sampling)
+            new_est = sched.update_estimate(state.acceptance_estimate, est, schedule.prior, scheduled, accepted, live,
+                                            evidence)
+            # a probe that paid (its tokens beat a whole-block round's predicted cost): probe again soon
+            full = schedule.draft_cost + schedule.verify_cost[-1]
+            good = (scheduled > 0) & ((accepted + 1) * schedule.verify_cost[0] > full)
+            return _commit(state, K, capacity, proposal.tokens, scheduled, carry, new_est,
+                           sched.update_probe(state.probe, live, pays, probe, good))
 
     state = decode.at_most_once(speculate, spec_round, state)
     return decode.at_most_once(~speculate, ar_round, state)
