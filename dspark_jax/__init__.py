@@ -46,6 +46,27 @@ def load_draft(path=None, dtype="bfloat16", mesh=None) -> Draft:
     return load(path, dtype=dtype, mesh=mesh)
 
 
+def profile(target: Target, draft: Draft, *, batch_size: int = 1, K: int | None = None, budget_s: float = 15.0):
+    """Measure the verify and draft costs of `schedule="auto"` for `batch_size` rows and draft length `K`
+    (default: the draft's block size) on this machine, and store them under their backend / device kind /
+    target / draft / batch / K key in `$DSPARK_JAX_CACHE/profiles.json` (default `~/.cache/dspark_jax`), where
+    later `generate` calls with that key find them (without one they use the deterministic model, which times
+    nothing; docs/algorithm.md §4.4). -> (`engine.schedule.Costs`, the file written)."""
+    from dspark_jax.engine import generation
+    from dspark_jax.engine import schedule as sched
+
+    if not isinstance(target, Target) or not isinstance(draft, Draft):
+        raise InputError("profile(target, draft): expected a loaded Target and Draft")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: must be a positive integer")
+    if not (isinstance(budget_s, (int, float)) and budget_s > 0):
+        raise InputError(f"budget_s={budget_s!r}: must be a positive number of seconds")
+    K = generation._draft_length(draft, K)
+    costs, path = sched.measure_profile(target, draft, batch_size, K, budget_s=float(budget_s))
+    generation.forget_plans(draft)  # the next call reads the new profile
+    return costs, path
+
+
 __all__ = [
     "CheckpointError",
     "ConfigError",
@@ -66,6 +87,7 @@ __all__ = [
     "load_draft",
     "load_target",
     "make_mesh",
+    "profile",
     "prompt_lookup",
     "shard_params",
     "stream",

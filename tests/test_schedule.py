@@ -398,3 +398,30 @@ def test_profile_is_explicit_stored_by_key_and_then_used(mixed, tmp_path, monkey
     assert sched.schedule_costs(target, draft, 4, 3).source == "compiled-program model"  # another batch: no profile
     entry = next(iter(json.loads(path.read_text()).values()))
     assert (entry["batch"], entry["K"], entry["backend"]) == (2, 3, jax.default_backend())
+
+
+def test_cli_profile_stores_and_generate_names_it_or_explains_plain_steps(tmp_path, monkeypatch, capsys):
+    """`dspark-jax profile` prints where it stored the profile and `generate` then names it; when auto runs
+    plain steps for a whole call, `generate` prints the one line with the predicted round cost and the
+    expected acceptance that decided it."""
+    from dspark_jax.tools import cli
+
+    monkeypatch.setenv("DSPARK_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("DSPARK_JAX_PROFILE", "1")
+    assert cli.main(["profile", "--batch-size", "1", "--budget-s", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"stored in {tmp_path / 'profiles.json'}" in out and (tmp_path / "profiles.json").is_file()
+    assert cli.main(["generate", "--prompt", "def f(x):", "--max-new-tokens", "8"]) == 0
+    assert f"cost model: profile {tmp_path / 'profiles.json'}" in capsys.readouterr().err
+    assert cli.main(["profile", "--batch-size", "0"]) == 2  # a clear error, nothing loaded
+    assert "--batch-size" in capsys.readouterr().err
+
+    # a cost model under which speculation never pays, and an answer too short for a probe round (the third)
+    monkeypatch.setenv("DSPARK_JAX_PROFILE", "model")
+    slow = sched.Costs((1.0, 30.0, 60.0), 40.0, "compiled-program model")
+    monkeypatch.setattr(sched, "model_costs", lambda *a, **k: slow)
+    assert cli.main(["generate", "--prompt", "def g(y):", "--max-new-tokens", "2", "--draft", "dflash"]) == 0
+    out = capsys.readouterr().out
+    assert "drafts verified per round (auto schedule): 0.00" in out
+    line = next(x for x in out.splitlines() if x.startswith("schedule=auto chose plain AR steps"))
+    assert "predicted to cost 100.00 AR steps" in line and "per-position acceptance 0.59" in line, line

@@ -20,6 +20,7 @@ COMMANDS = {
     "bench": ("dspark_jax.tools.commands.bench", "benchmark report: acceptance per prompt set, AR vs speculative speed, PNG plots"),
     "build-cache": ("dspark_jax.tools.commands.build_cache", "run a target over training data into a target cache (resumable)"),
     "train-draft": ("dspark_jax.tools.commands.train_draft", "train or resume a DSpark / DFlash draft from a YAML recipe"),
+    "profile": ("dspark_jax.tools.commands.profile", "measure schedule=auto's verify/draft costs on this machine, store them"),
     "calibrate": ("dspark_jax.tools.calibrate", "fit STS confidence temperatures / acceptance rates of a draft (calibration.json)"),
     "build-fixture": ("dspark_jax.tools.commands.build_fixture", "train the built-in target + DSpark/DFlash pair from scratch"),
     "plan": ("dspark_jax.tools.commands.plan", "will it fit a TPU slice, how fast: compile for it ahead of time from configs"),

@@ -79,9 +79,9 @@ def _job(args, cluster: distributed.Cluster) -> int:
     from dspark_jax.tools import batch
 
     if cluster.multi_process:
-        # every process must feed the compiled rounds the same scheduler cost model: the machine-independent
-        # constant-ratio one, not each host's own timing profile (engine/schedule.py)
-        os.environ["DSPARK_JAX_PROFILE"] = "0"
+        # every process must feed the compiled rounds the same scheduler cost model: the deterministic
+        # compiled-program one, not a profile stored on one host (engine/schedule.py, schedule_costs)
+        os.environ["DSPARK_JAX_PROFILE"] = "model"
     input_path = Path(args.input)
     if not input_path.is_file():
         raise InputError(f"--input {input_path} is not a file; pass a JSONL file of prompts")

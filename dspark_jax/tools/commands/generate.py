@@ -49,5 +49,10 @@ def run(args) -> int:
         print(f"mean acceptance length (tau): {s.mean_acceptance_length:.3f}  verify rate: {s.verify_rate:.3f}")
         print(f"prefix survival by position: {survival}")
         print(f"drafts verified per round ({args.schedule} schedule): {s.draft_tokens_per_proposal:.2f}")
+        if args.schedule == "auto" and not any(n > 0 for row in s.proposal_lengths for n in row):
+            from dspark_jax.engine import generation, schedule
+
+            plan, _ = generation.schedule_plan(target, draft, 1, max(1, len(s.prefix_survival)))
+            print(schedule.describe_plain(plan, max(1, len(s.prefix_survival))))
     print(f"wall time: {s.wall_time_s:.3f}s (includes compilation)  tokens/s: {s.tokens_per_second:.1f}")
     return 0
