@@ -146,6 +146,7 @@ def render(data: dict) -> str:
         f"Machine: {m.get('platform')}, {m.get('cpus')} CPUs (shared), python {m.get('python')}; jax {m.get('jax')}, "
         f"jaxlib {m.get('jaxlib')}, libtpu {m.get('libtpu')}.",
         "",
+        *([f"Trees: {', '.join(f'`{k}` = {v}' for k, v in data['trees'].items())}.", ""] if data.get("trees") else []),
         "| label | model | topology | mesh | program | batch | cache | fits | args | temp | out | alias | weights | KV | "
         "copies | roofline ms | XLA est. ms | in copies ms | roof/est | compile s | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -192,6 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("--label", default="after", help="a name for this tree's rows (e.g. before / after)")
     p.add_argument("--out", default=str(RESULTS / "tpu_aot"), help="path without suffix: writes .json and .md")
     p.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
+    p.add_argument("--tree", default=None, help="what the label's tree is (e.g. a commit), recorded in the JSON")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -218,6 +220,8 @@ def main(argv=None) -> int:
                         data = load(out.with_suffix(".json"))  # another run may have appended meanwhile
                         data["rows"] = [x for x in data["rows"] if row_key(x) != row_key(r)] + [r]
                         data["machine"] = machine() | {"load_average": r.get("load_average_before")}
+                        if args.tree:
+                            data.setdefault("trees", {})[args.label] = args.tree
                         out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str))
                         out.with_suffix(".md").write_text(render(data))
                         brief = {k: r.get(k) for k in ("fits", "whole_cache_copies", "roofline_ms", "xla_estimate_ms",
