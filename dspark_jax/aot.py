@@ -912,9 +912,10 @@ class Report:
                          f"{'fits' if self.fits else 'does not fit'}")
         else:
             lines.append(f"  does not fit: {self.memory.get('oom', '')}")
-        lines.append(f"  whole-cache copies in the optimized HLO: {self.whole_cache_copies} instructions, "
-                     f"{self.copy_executions} executions per run"
-                     + (f" ({', '.join(sorted(set(self.copy_shapes)))})" if self.copy_shapes else ""))
+        if self.xla_estimate_s is not None:  # compiled
+            lines.append(f"  whole-cache copies in the optimized HLO: {self.whole_cache_copies} instructions, "
+                         f"{self.copy_executions} executions per run"
+                         + (f" ({', '.join(sorted(set(self.copy_shapes)))})" if self.copy_shapes else ""))
         lines.append(f"  roofline (weights + KV to {self.used_extent} positions / HBM bandwidth): "
                      f"{1e3 * self.roofline_s:.2f} ms")
         if self.xla_estimate_s is not None:
