@@ -194,7 +194,7 @@ def main(argv=None):
     out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     m = results["machine"]
     md = ["# AR vs fixed vs auto (scheduled) speculative decoding\n",
-          f"Built-in target and its DSpark / DFlash / EAGLE-3 drafts, float32, greedy, K={args.draft_length}, up to "
+          f"Built-in target and its drafts ({', '.join(drafts)}), float32, greedy, K={args.draft_length}, up to "
           f"{args.new_tokens} new tokens, held-out prompts (odd half), {args.repetitions} interleaved repetitions "
           f"after a first (compiling) call; auto uses the deterministic compiled-program cost model (no stored "
           f"profile). Machine: {m.get('cpu_model', '')} ({m.get('cpu_cores', '')} cores, {m.get('jax_backend')}), "
