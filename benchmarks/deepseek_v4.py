@@ -268,7 +268,7 @@ def aot_one(dtype, K, batch, cache_len, mesh) -> dict:
             for name in ("window", "raw", "entries", "index_entries"):
                 x = getattr(c, name)
                 if x is not None:  # numbers per token of history: rings hold S slots whatever the length
-                    per_token += x.shape[0] * x.shape[-1] * (x.shape[2] / capacity)
+                    per_token += x.shape[0] * x.shape[-1] * (x.shape[3] / capacity)
     return {
         "dtype": str(dt), "K": K, "batch": batch, "capacity": capacity, "mesh": dict(mesh.shape),
         "target_params": sum(x.size for x in jax.tree.leaves(tp)), "mtp_params": sum(x.size for x in jax.tree.leaves(pp)),

@@ -33,13 +33,12 @@ CFG = Qwen3Config(model_type="qwen3", vocab_size=256, hidden_size=128, intermedi
 DRAFT = dataclasses.replace(synthetic.draft_config_for(CFG, num_layers=1, markov_rank=16), num_anchors=8)
 TOPOLOGY, MESH, BATCH, CAPACITY = "v5e:2x2", "data=2,model=2", 4, 1024
 
-# Programs that still show whole-cache copies (issue 23 item 3). Before dbd8229 (streamed attention) the AR step had
-# 3 (`bf16[4,2,1024,2,128]`, 12 executions), the round 4 (10) and the continuous job 37 (49); at 30ce323 the step,
-# the round and the loops have none, the continuous job 29.
+# Programs that still show whole-cache copies. Before dbd8229 (streamed attention) the AR step had 3
+# (`bf16[4,2,1024,2,128]`, 12 executions), the round 4 (10) and the continuous job 37 (49); now the step, the round
+# and the loops have none. The continuous job's prefill still gathers the prefilling slots' rows out of every cache
+# and scatters them back (docs/caches.md §9), a whole-cache copy at full width: the paged cache removes it.
 COPIES_TODAY = {"continuous"}
-# At 30ce323 the draft's training forward over 1024 positions streams its context through a fori_loop with traced
-# bounds, which reverse-mode differentiation refuses.
-BROKEN_TODAY = {"train_step": "streamed attention's fori_loop has traced bounds: not reverse-differentiable (30ce323)"}
+BROKEN_TODAY: dict[str, str] = {}  # training reads whole contexts (`attention.full_extent`): differentiable
 # `spec_round_auto` is left to the scheduled loop (the same round inside it) and continuous batching's AR job to the
 # speculative one: each compile costs 10-40 s here
 PROGRAMS = ["ar_step", "spec_round", "ar_loop", "spec_loop", "spec_loop_auto", "continuous", "train_step"]
@@ -77,7 +76,7 @@ def test_compiles_without_wide_types_or_host_transfers(name):
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=False, reason="whole-cache copies on XLA:TPU until issue 23 item 3"))
+    pytest.param(n, marks=pytest.mark.xfail(strict=False, reason="continuous prefill gathers slot rows"))
     if n in COPIES_TODAY else n
     for n in PROGRAMS if n != "train_step"  # the draft's train step carries no KV cache
 ])

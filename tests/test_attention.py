@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dspark_jax.layers import kv_cache
-from dspark_jax.layers.attention import EXTENT_BLOCK, MAX_BLOCKS, attention, block_size
+from dspark_jax.layers.attention import EXTENT_BLOCK, MAX_BLOCKS, attention, block_size, full_extent
 
 B, T, N, G, H = 2, 3, 4, 2, 8
 
@@ -31,6 +31,12 @@ def reference(q, parts):
         p /= p.sum(-1, keepdims=True)
         out[:, :, n] = np.einsum("bts,bsh->bth", p, vs[:, :, g])
     return out
+
+
+def cache_layout(part):
+    """A token-major part `(k [B, S, G, H], v, mask)` in the cache's heads-major layout `[B, G, S, H]`."""
+    k, v, m = part
+    return np.swapaxes(k, 1, 2), np.swapaxes(v, 1, 2), m
 
 
 def random_parts(S, lengths, window=None, seed=0):
@@ -58,7 +64,7 @@ def test_block_size():
 def test_linear_cache_any_extent(lengths):
     S = 1000
     q, cached, own = random_parts(S, lengths)
-    got = jax.jit(lambda q, c, o: attention(q, [c], o, H**-0.5))(q, cached, own)
+    got = jax.jit(lambda q, c, o: attention(q, [c], o, H**-0.5))(q, cache_layout(cached), own)
     want = reference(q, [cached, own])
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
 
@@ -67,7 +73,7 @@ def test_linear_cache_any_extent(lengths):
 def test_ring_buffer_wrapped_or_not(lengths):
     """A sliding-window ring of 520 slots (window 512): before it wraps the cut applies; after, every slot."""
     q, cached, own = random_parts(520, lengths, window=512, seed=1)
-    got = jax.jit(lambda q, c, o: attention(q, [c], o, H**-0.5))(q, cached, own)
+    got = jax.jit(lambda q, c, o: attention(q, [c], o, H**-0.5))(q, cache_layout(cached), own)
     np.testing.assert_allclose(np.asarray(got), reference(q, [cached, own]), rtol=2e-5, atol=2e-5)
 
 
@@ -76,13 +82,14 @@ def test_two_cached_parts_of_different_lengths():
     q, (k, v, m), own = random_parts(1000, (300, 12), seed=2)
     q2, (k2, v2, m2), _ = random_parts(300, (290, 7), seed=3)
     parts = [(k, v, m), (k2, v2, m2)]
-    got = jax.jit(lambda q, p, o: attention(q, p, o, H**-0.5))(q, parts, own)
+    got = jax.jit(lambda q, p, o: attention(q, p, o, H**-0.5))(q, [cache_layout(p) for p in parts], own)
     np.testing.assert_allclose(np.asarray(got), reference(q, [*parts, own]), rtol=2e-5, atol=2e-5)
 
 
 def test_rows_in_groups_of_their_own_extent_from_a_stacked_cache():
-    """A batch of 19 rows of very different lengths is attended in row groups (sorted by extent, the last group
-    repeating a row), reading layer 1 of a stacked `[3, B, S, G, H]` cache in place: every row exact."""
+    """A batch of 19 rows of very different lengths is attended in groups of consecutive rows (each streamed to
+    its own extent; on XLA:CPU), reading layer 1 of a stacked heads-major `[3, B, G, S, H]` cache in place: every
+    row exact."""
     rng = np.random.default_rng(4)
     b, S = 19, 1000
     # 10 short rows, 5 of the middle ladder step, 4 long ones (one at the very end), shuffled: sorted groups of 3
@@ -102,7 +109,7 @@ def test_rows_in_groups_of_their_own_extent_from_a_stacked_cache():
     def f(q, ks, vs, index):
         return attention(q, [(kv_cache.Stacked(ks, index), kv_cache.Stacked(vs, index), mask)], own, H**-0.5)
 
-    got = jax.jit(f)(q, ks, vs, jnp.int32(1))
+    got = jax.jit(f)(q, np.swapaxes(ks, 2, 3), np.swapaxes(vs, 2, 3), jnp.int32(1))
     want = np.concatenate([reference(q[i : i + 1], [(ks[1, i : i + 1], vs[1, i : i + 1], mask[i : i + 1]),
                                                       tuple(x[i : i + 1] for x in own)]) for i in range(b)])
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
@@ -118,8 +125,27 @@ def test_write_layer_stores_the_block_at_each_rows_length_in_place(after):
     lengths = np.array([0, 7, S - T, 30], np.int32)
     dep = jnp.ones((b, T, 5)) if after else None
     got = jax.jit(lambda c, x, i: kv_cache.write_layer(kv_cache.Stacked(c, i), x, jnp.asarray(lengths), after=dep))(
-        cache, block, jnp.int32(2))
+        np.swapaxes(cache, 2, 3), block, jnp.int32(2))
     want = cache.copy()
     for r in range(b):
         want[2, r, lengths[r] : lengths[r] + T] = block[r]
-    np.testing.assert_array_equal(np.asarray(got), want)
+    np.testing.assert_array_equal(np.swapaxes(np.asarray(got), 2, 3), want)
+
+
+def test_full_extent_reads_everything_in_one_softmax_and_is_differentiable():
+    """Training reads long parts whole (`full_extent`): the same outputs as the streamed read, and gradients exist
+    (the streamed read's key-block loop has a traced trip count, which reverse mode cannot differentiate)."""
+    q, cached, own = random_parts(1000, (700, 40), seed=6)
+    cached = cache_layout(cached)
+
+    def loss(q):
+        return jnp.sum(attention(q, [cached], own, H**-0.5) ** 2)
+
+    with full_extent():
+        whole = jax.jit(lambda q: attention(q, [cached], own, H**-0.5))(q)
+        grad = jax.jit(jax.grad(loss))(q)
+    streamed = jax.jit(lambda q: attention(q, [cached], own, H**-0.5))(q)
+    np.testing.assert_allclose(np.asarray(whole), np.asarray(streamed), rtol=2e-5, atol=2e-5)
+    assert np.all(np.isfinite(np.asarray(grad))) and np.abs(np.asarray(grad)).max() > 0
+    with pytest.raises(ValueError, match="[Rr]everse-mode"):
+        jax.jit(jax.grad(loss))(q)

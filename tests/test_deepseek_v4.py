@@ -127,7 +127,7 @@ def test_cached_blocks_with_rejected_suffixes_equal_the_full_forward(case):
         tokens[b, : prompt[b]] = full[b, : prompt[b]]
     K = 4
     cache = target.module.init_cache(2, 64, max_block=K + 1)
-    assert cache[0][0].window.shape[2] < 32, "the rings should wrap around within this test"
+    assert cache[0][0].window.shape[3] < 32, "the rings should wrap around within this test"
     L = cfg.num_layers
     logits, _, cache, features = _forward(target.graphdef, target.params, jnp.asarray(tokens), jnp.zeros(2, jnp.int32),
                                           cache, jnp.asarray(prompt, jnp.int32), capture=(L, 1, 0))

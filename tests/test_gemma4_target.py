@@ -179,9 +179,9 @@ def _parse(path):
 
 
 def _layer_cache(target, cache, layer: int):
-    """The `[B, S, G, H]` keys/values of HF layer `layer` in the stacked cache."""
+    """The `[B, S, G, H]` keys/values of HF layer `layer` in the stacked (heads-major) cache."""
     (_, g, _, q), r = target.module.layer_map().slot(layer)
-    return cache[g][q].k[r], cache[g][q].v[r]
+    return np.swapaxes(cache[g][q].k[r], 1, 2), np.swapaxes(cache[g][q].v[r], 1, 2)
 
 
 def _max_err(a, b) -> float:

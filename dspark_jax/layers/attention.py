@@ -16,22 +16,39 @@ extent, so a long row makes only its group long. The loop reads the cache where 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from dspark_jax import sharding
-from dspark_jax.layers.kv_cache import read, take
+from dspark_jax.layers.kv_cache import SEQ, read, take
 
 MASKED = -1e30
 EXTENT_BLOCK = 256  # parts longer than this are streamed to their used extent, in blocks of at least this size
 MAX_BLOCKS = 16  # ... and of at most this many blocks (longer parts take larger blocks: fewer loop trips)
 
-Part = tuple  # (k [B, S, G, H], v [B, S, G, H'], mask [B, T, S]); k and v arrays or `kv_cache.Stacked` layers
+Part = tuple  # (k, v, mask [B, T, S]): cached k [B, G, S, H] and v [B, G, S, H'] (cache layout, arrays or
+# `kv_cache.Stacked` layers); the block's own k [B, T, G, H] and v [B, T, G, H'] (token-major, as projected)
 
 ROW_GROUPS = 8  # a batch's rows are attended in at most this many groups, each read to its own extent
 GROUP_ROWS = 8  # ... of at most this many rows; larger batches are read as one group
+
+
+_FULL_EXTENT: contextvars.ContextVar[bool] = contextvars.ContextVar("attention_full_extent", default=False)
+
+
+@contextlib.contextmanager
+def full_extent():
+    """Inside this block every part is read whole, in one softmax: no loop with a traced trip count, so the
+    forward is reverse-differentiable (training, whose sequences use every key anyway)."""
+    token = _FULL_EXTENT.set(True)
+    try:
+        yield
+    finally:
+        _FULL_EXTENT.reset(token)
 
 
 def block_size(S: int) -> int:
@@ -50,12 +67,13 @@ def attention(q: jax.Array, cached: Sequence[Part], own: Part, scale: float) -> 
     value dtype for the value product (fp32 accumulation). Cached parts longer than `EXTENT_BLOCK` are read only
     up to their used extent (module docstring); the block's own keys are always all used.
     """
-    long = [p for p in cached if p[0].shape[1] > EXTENT_BLOCK]
-    short = [p for p in cached if p[0].shape[1] <= EXTENT_BLOCK]
+    limit = float("inf") if _FULL_EXTENT.get() else EXTENT_BLOCK
+    long = [p for p in cached if p[0].shape[SEQ] > limit]
+    short = [p for p in cached if p[0].shape[SEQ] <= limit]
     if not long:
-        return _attend(q, [(read(k), read(v), m) for k, v, m in short] + [own], scale)
+        return _stream(None, q, [(read(k), read(v), m) for k, v, m in short], [], [], own, scale)
     # per row and long part: one past the last key the row's queries see
-    used = [jnp.max(jnp.where(jnp.any(m, axis=1), jnp.arange(1, k.shape[1] + 1), 0), axis=1).astype(jnp.int32)
+    used = [jnp.max(jnp.where(jnp.any(m, axis=1), jnp.arange(1, k.shape[SEQ] + 1), 0), axis=1).astype(jnp.int32)
             for k, _, m in long]
     B = q.shape[0]
     width = -(-B // ROW_GROUPS)
@@ -68,36 +86,41 @@ def attention(q: jax.Array, cached: Sequence[Part], own: Part, scale: float) -> 
     return jnp.concatenate(outs, axis=0)
 
 
-def _scores(qg: jax.Array, k: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Masked fp32 scores `[B, G, n, T, S]` of grouped queries `qg [B, T, G, n, H]` against keys `k [B, S, G, H]`."""
-    s = jnp.einsum("btgnh,bsgh->bgnts", qg, k, preferred_element_type=jnp.float32) * scale
+def _scores(qg: jax.Array, k: jax.Array, mask: jax.Array, scale: float, *, cached: bool) -> jax.Array:
+    """Masked fp32 scores `[B, G, n, T, S]` of grouped queries `qg [B, T, G, n, H]` against keys `k` (a cache's
+    `[B, G, S, H]`, or a block's own `[B, S, G, H]`)."""
+    keys = "bgsh" if cached else "bsgh"
+    s = jnp.einsum(f"btgnh,{keys}->bgnts", qg, k, preferred_element_type=jnp.float32) * scale
     return jnp.where(mask[:, None, None, :, :], s, MASKED)
 
 
-def _values(p: jax.Array, v: jax.Array) -> jax.Array:
-    return jnp.einsum("bgnts,bsgh->bgnth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+def _values(p: jax.Array, v: jax.Array, *, cached: bool) -> jax.Array:
+    values = "bgsh" if cached else "bsgh"
+    return jnp.einsum(f"bgnts,{values}->bgnth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
 
 def _stream(rows, q, short, long, used, own, scale):
-    """Attention for batch rows `rows` (a static `slice`; None: every row): the short parts and the
-    block's own keys in one softmax, then each long part streamed block by block up to the rows' extent,
-    folded in with the online-softmax rescaling (running max `m`, sum `l`, weighted values `acc`)."""
+    """Attention for batch rows `rows` (a static `slice`; None: every row): the short parts and the block's own
+    keys in one softmax, then each long part streamed block by block up to the rows' extent, folded in with the
+    online-softmax rescaling (running max `m`, sum `l`, weighted values `acc`)."""
     qr = take(q, rows)
     b, T, N, H = qr.shape
     G = own[0].shape[2]
     qg = qr.reshape(b, T, G, N // G, H)
-    direct = [(take(k, rows), take(v, rows), take(m, rows)) for k, v, m in short] + [tuple(take(x, rows) for x in own)]
-    s = jnp.concatenate([_scores(qg, k, m, scale) for k, _, m in direct], axis=-1)
+    direct = [(take(k, rows), take(v, rows), take(m, rows), True) for k, v, m in short]
+    direct.append((*(take(x, rows) for x in own), False))
+    s = jnp.concatenate([_scores(qg, k, m, scale, cached=c) for k, _, m, c in direct], axis=-1)
     m = jnp.max(s, axis=-1)
     p = jnp.exp(s - m[..., None])
     l = jnp.sum(p, axis=-1)
     acc, offset = None, 0
-    for k, v, _ in direct:
-        o = _values(p[..., offset : offset + k.shape[1]], v)
-        offset += k.shape[1]
+    for k, v, _, c in direct:
+        width = k.shape[SEQ] if c else k.shape[1]
+        o = _values(p[..., offset : offset + width], v, cached=c)
+        offset += width
         acc = o if acc is None else acc + o
     for (k, v, mask), u in zip(long, used):
-        S = k.shape[1]
+        S = k.shape[SEQ]
         C = block_size(S)
         extent = jnp.max(take(u, rows))
         trips = (extent + C - 1) // C
@@ -106,27 +129,14 @@ def _stream(rows, q, short, long, used, own, scale):
             m, l, acc = state
             start = jnp.minimum(c * C, S - C)  # the last block ends at S; keys before c * C were folded in already
             fresh = (start + jnp.arange(C) >= c * C)[None, None, :]
-            s = _scores(qg, take(k, rows, C, start=start), take(mask, rows, C, axis=2, start=start) & fresh, scale)
+            visible = take(mask, rows, C, axis=2, start=start) & fresh
+            s = _scores(qg, take(k, rows, C, axis=SEQ, start=start), visible, scale, cached=True)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             rescale = jnp.exp(m - m_new)
             p = jnp.exp(s - m_new[..., None])
-            acc = acc * rescale[..., None] + _values(p, take(v, rows, C, start=start))
+            acc = acc * rescale[..., None] + _values(p, take(v, rows, C, axis=SEQ, start=start), cached=True)
             return m_new, l * rescale + jnp.sum(p, axis=-1), acc
 
         m, l, acc = jax.lax.fori_loop(0, trips, fold, (m, l, acc))
     out = acc / l[..., None]  # [b, G, n, T, H']
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, T, N, out.shape[-1]).astype(q.dtype)
-
-
-def _attend(q: jax.Array, parts, scale: float) -> jax.Array:
-    B, T, N, H = q.shape
-    G = parts[0][0].shape[2]
-    qg = q.reshape(B, T, G, N // G, H)
-    probs = jax.nn.softmax(jnp.concatenate([_scores(qg, k, m, scale) for k, _, m in parts], axis=-1), axis=-1)
-    out = None
-    offset = 0
-    for k, v, _ in parts:
-        o = _values(probs[..., offset : offset + k.shape[1]], v)
-        offset += k.shape[1]
-        out = o if out is None else out + o
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, v.shape[-1]).astype(q.dtype)

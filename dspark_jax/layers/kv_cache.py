@@ -1,13 +1,15 @@
 """KV cache pieces: stacked per-layer caches, a block written at per-row offsets, masks from positions.
 
-A layer's cache is `[B, S, G, H]`. Slot `s` holds the latest position `p < lengths` with `p = s (mod S)`,
+A layer's cache is heads-major, `[B, G, S, H]` (positions next to the head dim, so a TPU tiles each head's
+cache as `(S, H)`: attention reads it as it lies and writes land in place, docs/caches.md §10); blocks written
+into it are token-major `[B, T, G, H]`, as projections make them. Slot `s` holds the latest position `p < lengths` with `p = s (mod S)`,
 so one formula serves linear caches (`S` >= every length: slot s holds position s) and ring buffers for
 sliding-window layers (`S` >= window + K). "Write ahead, commit by length" (docs/caches.md): a block is
 written at each row's `lengths`; only `lengths` decides what is committed, so rejected slots are simply
 overwritten later.
 
 A model's cache mirrors its layer stacks (`layers.stack.Group`): one `LayerKV` per pattern position of each
-group, its arrays stacked `[n, B, S, G, H]` over the group's repetitions. The scan over layers carries the
+group, its arrays stacked `[n, B, G, S, H]` over the group's repetitions. The scan over layers carries the
 stacked arrays and gives layer `r` a `Stacked` view of them: it reads what it needs and `write_layer` writes
 its block in place (docs/caches.md §10).
 """
@@ -21,14 +23,15 @@ import jax.numpy as jnp
 
 from dspark_jax import sharding
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+SEQ = 2  # the positions axis of a layer's cache `[B, G, S, H]`
 ACTIVATION_AXES = ("batch", None, "embed")  # the residual stream [B, T, D]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerKV:
-    """Keys `[n, B, S, G, Hk]` and values `[n, B, S, G, Hv]` of one stacked pattern position."""
+    """Keys `[n, B, G, S, Hk]` and values `[n, B, G, S, Hv]` of one stacked pattern position."""
 
     k: jax.Array
     v: jax.Array
@@ -40,7 +43,7 @@ Cache = tuple[tuple[LayerKV, ...], ...]  # per group, per pattern position
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Stacked:
-    """Layer `index` of a stacked array `[n, B, S, ...]`, read where it lies (docs/caches.md §10).
+    """Layer `index` of a stacked array `[n, B, G, S, H]`, read where it lies (docs/caches.md §10).
 
     A layer scan carries (or closes over) the whole stacked cache and hands each layer this view instead of
     a slice: reading a prefix of `size` positions copies that prefix only, and `write_layer` stores a block
@@ -73,9 +76,15 @@ def take(x: jax.Array | Stacked, rows: slice | None = None, size: int | None = N
     return jax.lax.dynamic_slice(array, lead + tuple(starts), [1] * len(lead) + shape).reshape(shape)
 
 
+def cache_layout(blocks):
+    """Token-major blocks (`[..., B, T, G, H]` leaves, e.g. a backbone's `context_kv`) in the cache layout
+    `[..., B, G, T, H]`, to be read as cached parts without writing them into a cache first (training)."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, -3, -2), blocks)
+
+
 def read(x: jax.Array | Stacked, size: int | None = None) -> jax.Array:
-    """A cache part's first `size` positions (all by default), whether an array `[B, S, ...]` or a `Stacked`."""
-    return take(x, None, size)
+    """A cache part's first `size` positions (all by default), whether an array `[B, G, S, H]` or a `Stacked`."""
+    return take(x, None, size, axis=SEQ)
 
 
 def write_layer(layer: Stacked, block: jax.Array, lengths: jax.Array, num_valid: jax.Array | None = None, *,
@@ -90,18 +99,27 @@ def write_layer(layer: Stacked, block: jax.Array, lengths: jax.Array, num_valid:
     if num_valid is not None:
         new = write(read(layer), block, lengths, num_valid)
         return jax.lax.dynamic_update_index_in_dim(array, new, layer.index, 0)
-    B, T = block.shape[:2]
-    rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))
-    positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    return array.at[layer.index, rows, positions].set(block.astype(array.dtype), mode="drop")
+    return _scatter(array, block, lengths, layer.index)
+
+
+def _scatter(array: jax.Array, block: jax.Array, lengths: jax.Array, index=None) -> jax.Array:
+    """`block [B, T, G, H]` stored at positions `lengths[b] + t` of `array [B, G, S, H]` (of its layer `index` when
+    stacked), in place: one `H` row per (row, head, token), the unit a heads-major cache holds contiguously."""
+    B, T, G = block.shape[:3]
+    rows = jnp.arange(B, dtype=jnp.int32)[:, None, None]
+    heads = jnp.arange(G, dtype=jnp.int32)[None, :, None]
+    positions = (lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :])[:, None, :]
+    where = (rows, heads, positions) if index is None else (index, rows, heads, positions)
+    return array.at[where].set(jnp.swapaxes(block, 1, 2).astype(array.dtype), mode="drop")
 
 
 def allocate(batch: int, shapes, dtype) -> Cache:
-    """Zeros for `shapes[group][position] = (n, slots, kv_heads, key_dim, value_dim)`, placed by `CACHE_AXES`
-    (rows over the data axis, KV heads over the model axis) when a mesh is active."""
+    """Zeros for `shapes[group][position] = (n, slots, kv_heads, key_dim, value_dim)`, heads-major
+    (`[n, B, G, S, H]`), placed by `CACHE_AXES` (rows over the data axis, KV heads over the model axis) when a
+    mesh is active."""
     return constrain(tuple(
         tuple(
-            LayerKV(k=jnp.zeros((n, batch, s, g, hk), dtype), v=jnp.zeros((n, batch, s, g, hv), dtype))
+            LayerKV(k=jnp.zeros((n, batch, g, s, hk), dtype), v=jnp.zeros((n, batch, g, s, hv), dtype))
             for n, s, g, hk, hv in group
         )
         for group in shapes
@@ -138,19 +156,25 @@ def block_mask(batch: int, T: int, *, causal: bool, window: int | None = None) -
     return jnp.broadcast_to(visible, (batch, T, T))
 
 
-def write(layer: jax.Array, block: jax.Array, lengths: jax.Array, num_valid: jax.Array | None = None) -> jax.Array:
-    """Write `block [B, T, G, H]` at positions `lengths[b] + t` into `layer [B, S, G, H]`.
+def write_rows(array: jax.Array, block: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Per-position state that is not a KV cache (`array [B, S, ...]`, e.g. stored hidden states): `block [B, T,
+    ...]` at positions `lengths[b] + t` (the caller keeps them below `S`)."""
+    return jax.vmap(lambda c, u, o: jax.lax.dynamic_update_slice_in_dim(c, u, o, axis=0))(array, block, lengths)
 
-    A linear cache (`num_valid` None) takes a per-row dynamic slice update; the caller guarantees
-    `lengths + T <= S`. A ring buffer passes `num_valid [B]` (tokens of the block that are real): each
-    slot takes the latest valid block token mapping to it, so a block longer than the ring (a prefill)
-    keeps exactly its tail and padding never overwrites live entries.
+
+def write(layer: jax.Array, block: jax.Array, lengths: jax.Array, num_valid: jax.Array | None = None) -> jax.Array:
+    """Write `block [B, T, G, H]` at positions `lengths[b] + t` into `layer [B, G, S, H]`.
+
+    A linear cache (`num_valid` None) takes the block in place; the caller guarantees `lengths + T <= S`. A ring
+    buffer passes `num_valid [B]` (tokens of the block that are real): each slot takes the latest valid block
+    token mapping to it, so a block longer than the ring (a prefill) keeps exactly its tail and padding never
+    overwrites live entries.
     """
     if num_valid is None:
-        return jax.vmap(lambda c, u, o: jax.lax.dynamic_update_slice_in_dim(c, u, o, axis=0))(layer, block, lengths)
-    S = layer.shape[1]
+        return _scatter(layer, block, lengths)
+    S = layer.shape[SEQ]
     new_positions = slot_positions(lengths + num_valid, S)  # [B, S]
     fresh = new_positions >= lengths[:, None]
     t = jnp.clip(new_positions - lengths[:, None], 0, block.shape[1] - 1)
-    gathered = jnp.take_along_axis(block, t[:, :, None, None], axis=1)
-    return jnp.where(fresh[:, :, None, None], gathered, layer)
+    gathered = jnp.swapaxes(jnp.take_along_axis(block, t[:, :, None, None], axis=1), 1, 2)  # [B, G, S, H]
+    return jnp.where(fresh[:, None, :, None], gathered.astype(layer.dtype), layer)

@@ -147,7 +147,7 @@ class DSparkDraft(nnx.Module):
         committed context of the cache."""
         B, T = ids.shape
         positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-        context_mask = kv.cached_mask(positions, lengths, state[0][0].k.shape[2])
+        context_mask = kv.cached_mask(positions, lengths, state[0][0].k.shape[1 + kv.SEQ])
         return self.backbone.block_hidden(ids, positions, state, context_mask, kv.block_mask(B, T, causal=False))
 
     def base_logits(self, hidden: jax.Array) -> jax.Array:

@@ -84,8 +84,8 @@ class VocabMap(nnx.Variable):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Eagle3State:
-    k: jax.Array  # [B, S, G, Hd] keys of the entry at position s - 1 in slot s
-    v: jax.Array  # [B, S, G, Hd]
+    k: jax.Array  # [B, G, S, Hd] keys of the entry at position s - 1 in slot s (a cache: heads-major)
+    v: jax.Array  # [B, G, S, Hd]
     residual: jax.Array  # [B, S, D] fc(F_t) of position t
 
 
@@ -194,7 +194,7 @@ class Eagle3Draft(nnx.Module):
 
     def init_state(self, batch: int, capacity: int) -> Eagle3State:
         c = self.config.layer
-        shape = (batch, capacity, c.num_kv_heads, c.head_dim)
+        shape = (batch, c.num_kv_heads, capacity, c.head_dim)
         return Eagle3State(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
                            jnp.zeros((batch, capacity, self.config.hidden_size), self.dtype))
 
@@ -214,7 +214,7 @@ class Eagle3Draft(nnx.Module):
         positions = lengths[:, None] - 1 + jnp.arange(T, dtype=jnp.int32)[None, :]
         cos, sin = self.rope(positions)
         k, v = self.layer.keys_values(self.embed(tokens), residual, cos, sin)
-        return Eagle3State(kv.write(state.k, k, lengths), kv.write(state.v, v, lengths), kv.write(state.residual, fresh, lengths))
+        return Eagle3State(kv.write(state.k, k, lengths), kv.write(state.v, v, lengths), kv.write_rows(state.residual, fresh, lengths))
 
     def propose(self, state: Eagle3State, anchor, lengths, params: SamplingParams, keys, K: int) -> Proposal:
         """A chain of `K` drafts after each row's anchor (docs/eagle3.md §5); every draft is proposed."""
@@ -257,11 +257,11 @@ class Eagle3Draft(nnx.Module):
         B = anchor.shape[0]
         c = self.config.layer
         rows = jnp.arange(B)
-        S = state.k.shape[1]
+        S = state.k.shape[kv.SEQ]
         slot_position = jnp.arange(S, dtype=jnp.int32)[None, :] - 1
         context_mask = ((slot_position >= 0) & (slot_position < lengths[:, None] - 1))[:, None, :]  # [B, 1, S]
         own_mask = jnp.ones((B, 1, 1), bool)
-        fresh = jnp.zeros((B, steps, c.num_kv_heads, c.head_dim), self.dtype)
+        fresh = jnp.zeros((B, c.num_kv_heads, steps, c.head_dim), self.dtype)  # the chain's entries, cache layout
 
         def body(carry, xs):
             residual, token, fk, fv = carry
@@ -270,8 +270,8 @@ class Eagle3Draft(nnx.Module):
             earlier = jnp.broadcast_to((jnp.arange(steps) < k)[None, None, :], (B, 1, steps))
             out = self.layer(self.embed(token[:, None]), residual[:, None], cos, sin,
                              [(state.k, state.v, context_mask), (fk, fv, earlier)], own_mask)
-            fk = jax.lax.dynamic_update_slice_in_dim(fk, out.k, k, axis=1)
-            fv = jax.lax.dynamic_update_slice_in_dim(fv, out.v, k, axis=1)
+            fk = jax.lax.dynamic_update_slice_in_dim(fk, jnp.swapaxes(out.k, 1, 2), k, axis=kv.SEQ)
+            fv = jax.lax.dynamic_update_slice_in_dim(fv, jnp.swapaxes(out.v, 1, 2), k, axis=kv.SEQ)
             h = out.hidden[:, 0]
             logits = self.logits(h)
             probs = sampling.probabilities(logits, params)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dspark_jax.layers import kv_cache as kv
+from dspark_jax.layers.attention import full_extent
 
 
 def _shift(ids: jax.Array, n: int) -> jax.Array:
@@ -34,7 +35,8 @@ def step_hidden(draft, features: jax.Array, input_ids: jax.Array, steps: int, *,
 
     def run(layer_input, residual, positions, parts, fresh_mask):
         cos, sin = draft.rope(positions)
-        out = draft.layer(draft.embed(layer_input), residual, cos, sin, parts, fresh_mask)
+        with full_extent():  # differentiable: every earlier step's keys read in one softmax
+            out = draft.layer(draft.embed(layer_input), residual, cos, sin, parts, fresh_mask)
         return out.hidden, out.k, out.v
 
     run = jax.checkpoint(run) if remat else run
@@ -45,7 +47,7 @@ def step_hidden(draft, features: jax.Array, input_ids: jax.Array, steps: int, *,
             parts = [(earlier[0][0], earlier[0][1], causal)] + [(k, v, same) for k, v in earlier[1:]]
             fresh = same
         residual, k, v = run(_shift(input_ids, 1 + j), residual, base + j, parts, fresh)
-        earlier.append((k, v))
+        earlier.append(kv.cache_layout((k, v)))  # read as cached parts by the later steps
         outputs.append(residual)
     return jnp.stack(outputs)
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from dspark_jax.layers import kv_cache as kv
+from dspark_jax.layers.attention import full_extent
+
 
 def block_hidden_train(draft, features: jax.Array, block_ids: jax.Array, positions: jax.Array, keep: jax.Array,
                        *, remat: bool = False) -> jax.Array:
@@ -28,13 +31,15 @@ def block_hidden_train(draft, features: jax.Array, block_ids: jax.Array, positio
     B, N, K = block_ids.shape
     S = features.shape[1]
     context = draft.project_context(features)  # [B, S, D]
-    context_kv = draft.backbone.context_kv(context, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S)))
+    context_kv = kv.cache_layout(
+        draft.backbone.context_kv(context, jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32)[None, :], (B, S))))
     anchor = jnp.repeat(positions[:, :, 0], K, axis=1)  # [B, N*K] anchor position of each query's block
     kept = jnp.repeat(keep, K, axis=1)  # [B, N*K]
     context_mask = (jnp.arange(S)[None, None, :] < anchor[:, :, None]) & kept[:, :, None]  # [B, N*K, S]
     block_of = jnp.arange(N * K) // K
     block_mask = (block_of[None, :, None] == block_of[None, None, :]) & kept[:, :, None]  # [B, N*K, N*K]
-    hidden = draft.backbone.block_hidden(block_ids.reshape(B, N * K), positions.reshape(B, N * K), context_kv,
-                                         context_mask, block_mask, remat=remat)
+    with full_extent():  # differentiable: every context key read in one softmax
+        hidden = draft.backbone.block_hidden(block_ids.reshape(B, N * K), positions.reshape(B, N * K), context_kv,
+                                             context_mask, block_mask, remat=remat)
     hidden = jnp.where(kept[:, :, None], hidden, jnp.zeros((), hidden.dtype))
     return hidden.reshape(B, N, K, -1)

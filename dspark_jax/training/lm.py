@@ -22,6 +22,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from dspark_jax.handles import Target
+from dspark_jax.layers.attention import full_extent
 from dspark_jax.models.qwen3 import Qwen3Config
 from dspark_jax.training import optim
 from dspark_jax.training.checkpoint import Checkpointer
@@ -60,7 +61,8 @@ def batch_indices(num_windows: int, batch_size: int, step: int, seed: int) -> np
 def lm_loss(model, windows: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy of `windows [B, T + 1]`."""
     B, T = windows.shape[0], windows.shape[1] - 1
-    hidden, _, _ = model(windows[:, :-1], jnp.zeros((B,), jnp.int32), model.init_cache(B, T))
+    with full_extent():  # differentiable: no key-block loop with a traced trip count
+        hidden, _, _ = model(windows[:, :-1], jnp.zeros((B,), jnp.int32), model.init_cache(B, T))
     logits = model.logits(hidden)
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
 

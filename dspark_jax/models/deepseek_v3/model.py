@@ -288,7 +288,7 @@ class DeepseekV3Model(nnx.Module):
         positions = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
         cos, sin = self.rope(positions)
         fresh_mask = kv.block_mask(B, T, causal=True)
-        cached_mask = kv.cached_mask(positions, lengths, cache[0][0].k.shape[2])
+        cached_mask = kv.cached_mask(positions, lengths, cache[0][0].k.shape[1 + kv.SEQ])
         expand = T > ABSORB_MAX_BLOCK
         x = self.embed(tokens)
         cap = stack.Capture(capture, self.config.num_layers)
@@ -303,7 +303,7 @@ class DeepseekV3Model(nnx.Module):
                 for q, (layer, c) in enumerate(zip(layers, caches)):
                     latents, rotary = kv.Stacked(c.k, r), kv.Stacked(c.v, r)
                     with jax.named_scope("layer"):
-                        part = (kv.read(latents)[:, :, 0], kv.read(rotary)[:, :, 0], cached_mask)
+                        part = (kv.read(latents)[:, 0], kv.read(rotary)[:, 0], cached_mask)  # one latent 'head'
                         x, latent, k_pe = layer(x, cos, sin, [part], fresh_mask, expand=expand)
                     out.append(kv.LayerKV(kv.write_layer(latents, latent[:, :, None], lengths, after=x),
                                           kv.write_layer(rotary, k_pe[:, :, None], lengths, after=x)))

@@ -98,7 +98,8 @@ def clamped_swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, li
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class V4LayerCache:
-    """One stacked pattern position's caches (every array `[n, B, S, 1, width]`, `kv_cache.CACHE_AXES`):
+    """One stacked pattern position's caches (every array `[n, B, 1, S, width]`, the heads-major layout of
+    `kv_cache.CACHE_AXES` with one head):
 
     * `window`: ring of the roped key/value rows (`S` slots, positions mod `S`);
     * `raw`: ring (same slots) of the raw compressor rows `[kv | gate]` (then the indexer's), or None;
@@ -125,11 +126,11 @@ class Context:
 
 
 def ring_rows(ring: jax.Array, first: jax.Array, count: int) -> jax.Array:
-    """Rows of positions `first[b] + i`, `i < count`, from a ring `[B, S, 1, F]` -> `[B, count, F]` (slot =
+    """Rows of positions `first[b] + i`, `i < count`, from a ring `[B, 1, S, F]` -> `[B, count, F]` (slot =
     position mod S; positions the ring no longer holds come back as whatever their slot holds)."""
-    S = ring.shape[1]
+    S = ring.shape[2]
     slots = jnp.mod(first[:, None] + jnp.arange(count, dtype=jnp.int32)[None, :], S)
-    return jnp.take_along_axis(ring[:, :, 0], slots[:, :, None], axis=1)
+    return jnp.take_along_axis(ring[:, 0], slots[:, :, None], axis=1)
 
 
 # --- modules -------------------------------------------------------------------------------------------
@@ -225,11 +226,11 @@ class Compressor(nnx.Module):
 
 
 def write_entries(cache: jax.Array, entries: jax.Array, index: jax.Array) -> jax.Array:
-    """`cache [B, C, 1, d]` with `entries [B, nw, d]` at slots `index [B, nw]` (-1: not written)."""
-    C = cache.shape[1]
+    """`cache [B, 1, C, d]` with `entries [B, nw, d]` at slots `index [B, nw]` (-1: not written)."""
+    C = cache.shape[2]
     slot = jnp.where(index >= 0, index, C)  # out of range: dropped
     rows = jnp.arange(cache.shape[0])[:, None]
-    return cache.at[rows, slot].set(entries[:, :, None, :].astype(cache.dtype), mode="drop")
+    return cache.at[rows, 0, slot].set(entries.astype(cache.dtype), mode="drop")
 
 
 class Indexer(nnx.Module):
@@ -304,8 +305,8 @@ class V4Attention(nnx.Module):
         cos, sin = ctx.rope[self.type]
         q, qr = self.queries(x, cos, sin)
         k = self.keys(x, cos, sin)
-        S = cache.window.shape[1]
-        parts = [(cache.window[:, :, 0], kv.cached_mask(ctx.positions, ctx.lengths, S, self.window)),
+        S = cache.window.shape[2]
+        parts = [(cache.window[:, 0], kv.cached_mask(ctx.positions, ctx.lengths, S, self.window)),
                  (k[:, :, 0], ctx.fresh_mask)]
         new = dataclasses.replace(cache, window=kv.write(cache.window, k, ctx.lengths, ctx.num_valid))
         if self.type != SLIDING:
@@ -330,12 +331,12 @@ class V4Attention(nnx.Module):
         w = comp.width
         entries, index = comp.pool(src[..., :w], first, ctx.lengths, T, rope_at)
         out["entries"] = write_entries(cache.entries, entries, index)
-        keys = out["entries"][:, :, 0]
+        keys = out["entries"][:, 0]
         if self.type == CSA:
             idx_entries, idx_index = self.indexer.compressor.pool(src[..., w:], first, ctx.lengths, T, rope_at)
             out["index_entries"] = write_entries(cache.index_entries, idx_entries, idx_index)
             cos, sin = ctx.rope[CSA]
-            mask = self.indexer.select(x, qr, out["index_entries"][:, :, 0], ctx.positions, cos, sin)
+            mask = self.indexer.select(x, qr, out["index_entries"][:, 0], ctx.positions, cos, sin)
         else:
             C = keys.shape[1]
             mask = jnp.arange(C)[None, None, :] < ((ctx.positions + 1) // comp.ratio)[..., None]
@@ -471,7 +472,7 @@ class DeepseekV4Model(nnx.Module):
                 S = self.ring_slots(t, capacity, max_block)
 
                 def z(s, w, n=group.n):
-                    return jnp.zeros((n, batch, s, 1, w), self.dtype)
+                    return jnp.zeros((n, batch, 1, s, w), self.dtype)
 
                 if t == SLIDING:
                     per.append(V4LayerCache(window=z(S, c.head_dim)))

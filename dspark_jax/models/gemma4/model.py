@@ -381,7 +381,7 @@ class Gemma4Model(nnx.Module):
         slots = {}  # attention type -> cache slots (every layer of a type has the same)
         for group, group_cache in zip(self.groups, cache):
             for k, layer_cache in zip([k for k in self.pattern(group) if not k.shares_kv], group_cache):
-                slots.setdefault(k.attention, layer_cache.k.shape[2])
+                slots.setdefault(k.attention, layer_cache.k.shape[1 + kv.SEQ])
         geometry = {}
         for t in self._attention_types():
             window = c.type_window(t)
@@ -408,7 +408,7 @@ class Gemma4Model(nnx.Module):
     # --- draft forward (the family's DSpark/DFlash backbone) ---------------------------------------------
     def context_kv(self, context: jax.Array, positions: jax.Array) -> kv.Cache:
         """Every K/V-owning layer's keys/values of an injected context stream `[B, T, D]` at `positions [B, T]`,
-        stacked like the cache (`[n, B, T, G, H]` per pattern position; `()` for sharing groups)."""
+        token-major (`[n, B, T, G, H]` per pattern position, blocks for `kv_cache.write`; `()` for sharing groups)."""
         rope = {t: self.rope(t, positions) for t in self._attention_types()}
         out = []
         for group in self.groups:

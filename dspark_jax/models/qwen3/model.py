@@ -180,7 +180,7 @@ class Qwen3Model(nnx.Module):
         x = sharding.constrain(self.embed(tokens), kv.ACTIVATION_AXES)
         cap = stack.Capture(capture, self.config.num_layers)
         buf = cap.record(cap.buffer(x), 0, x)
-        cached_mask = kv.cached_mask(positions, lengths, cache[0][0].k.shape[2])  # every layer's cache is linear
+        cached_mask = kv.cached_mask(positions, lengths, cache[0][0].k.shape[1 + kv.SEQ])  # every layer's is linear
         new_cache = []
         for group, group_cache in zip(self.groups, cache):
 
@@ -205,8 +205,8 @@ class Qwen3Model(nnx.Module):
 
     # --- draft forward (the family's DSpark/DFlash backbone) ---------------------------------------------
     def context_kv(self, context: jax.Array, positions: jax.Array) -> kv.Cache:
-        """Every layer's keys/values of an injected context stream `[B, T, D]` at `positions [B, T]`,
-        stacked like the cache (`[n, B, T, G, H]` per pattern position)."""
+        """Every layer's keys/values of an injected context stream `[B, T, D]` at `positions [B, T]`, token-major
+        `[n, B, T, G, H]` per pattern position (blocks to write into a cache with `kv_cache.write`)."""
         cos, sin = self.rope(positions)
         out = []
         for group in self.groups:
