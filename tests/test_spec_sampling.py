@@ -112,8 +112,8 @@ def test_speculative_sampling_matches_target(setup, K):
 
 
 def test_rounds_that_fall_back_to_ar_steps_sample_the_target(setup):
-    """A cost model under which speculation never pays: every round is a plain AR step (no draft forward),
-    and the output still follows the target distribution."""
+    """A cost model under which speculation never pays: rounds are plain AR steps (no draft forward) but for the
+    scheduler's backing-off probe rounds, and the output still follows the target distribution."""
     hf, target, draft = setup
     setting = SETTINGS[1]
     exact = exact_distribution(hf, setting).reshape(-1).astype(np.float64)
@@ -121,7 +121,10 @@ def test_rounds_that_fall_back_to_ar_steps_sample_the_target(setup):
     noise = np.mean([0.5 * np.abs(np.random.default_rng(9).multinomial(N, exact) / N - exact).sum() for _ in range(20)])
     result = dj.generate(target, draft, [PROMPT] * N, max_new_tokens=STEPS, stop_token_ids=[], draft_length=3, seed=5,
                          schedule=auto_plan(3, draft_cost=50.0), **setting)
-    assert all(n == 0 for row in result.stats.proposal_lengths for n in row)
-    assert all(a == 1 for row in result.stats.acceptance_lengths for a in row)  # one token per round
+    # plain steps everywhere but the probe rounds (docs/algorithm.md §4.5), which back off when they do not pay
+    rounds = [n for row in result.stats.proposal_lengths for n in row]
+    assert sum(n == 0 for n in rounds) >= 0.5 * len(rounds), rounds
+    gained = [a for row in result.stats.acceptance_lengths for a in row]
+    assert all(a == 1 for n, a in zip(rounds, gained) if n == 0)  # a plain step gains one token
     tv = 0.5 * np.abs(empirical(result.tokens) - exact).sum()
     assert tv - noise <= 0.01, f"TV {tv:.4f} vs noise {noise:.4f}"
