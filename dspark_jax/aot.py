@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dspark_jax import sharding
+from dspark_jax import compiling, sharding
 from dspark_jax.errors import ConfigError, DSparkError, HubError
 
 GIB = 2.0**30
@@ -585,7 +585,7 @@ def _finish(lowered, program, topo, mesh, batch, capacity, dt, K, tp, pp, cache_
         _COMPILED.move_to_end(key)
     else:
         try:
-            compiled = lowered.compile()
+            compiled = lowered.compile(compiler_options=compiling.options("tpu"))
         except Exception as e:  # XLA:TPU reports out-of-HBM as RESOURCE_EXHAUSTED at compile time
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,28 @@ def test_no_whole_cache_copies(name):
     copies = aot.whole_cache_copies(p, p.cache_copy_bytes)
     assert not copies, f"{len(copies)} whole-cache copies: " + ", ".join(
         sorted({i.type_text.split("{")[0].lstrip("(") for i in copies}))
+
+
+def test_one_row_step_keeps_weight_products_on_the_matrix_unit():
+    """At one row per device XLA:TPU would rewrite every weight product into a multiply and a reduction on the vector
+    unit (17x slower by its own estimate at real sizes, docs/tpu.md §6); the library's programs are compiled with
+    `compiling.options("tpu")`, which keeps them as matrix-unit products. Every fusion made from a `dot_general`
+    that reduces must do so through a convolution (the matrix unit)."""
+    p = aot.compile(CFG, None, "ar_step", topology=TOPOLOGY, mesh="data=1,model=4", batch=1, capacity=CAPACITY,
+                    dtype="bfloat16")
+    comps, _ = aot.parse_hlo(p.hlo)
+    products, vector = 0, []
+    for instrs in comps.values():
+        for i in instrs:
+            op = re.search(r'op_name="([^"]*)"', i.rest)
+            if i.opcode != "fusion" or op is None or "dot_general" not in op.group(1):
+                continue
+            kinds = {j.opcode for j in comps.get((i.attribute("calls") or "").lstrip("%"), [])}
+            products += "convolution" in kinds
+            if "reduce" in kinds and "convolution" not in kinds:
+                vector.append(f"{i.name}: {i.type_text[:40]}")
+    assert products >= 5, products  # q, k, v, o, the MLP and the logits at least
+    assert not vector, vector
 
 
 def test_report_reads_memory_roofline_and_estimate():

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import compiling
 from dspark_jax.engine import decode, sampling, spec
 from dspark_jax.engine.decode import Requests
 
@@ -266,7 +267,7 @@ def run(kind: Kind, queue: Requests, num_prompts: jax.Array, *, slots: int, chun
 STATIC = ("target_graph", "proposer_graph", "K", "capacity", "out_len", "chunk", "slots")
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
+@functools.partial(compiling.jit, static_argnames=STATIC)
 def spec_job(target_graph, target_params, proposer_graph, proposer_params, queue: Requests, num_prompts, schedule=None,
              *, K, capacity, out_len, chunk, slots) -> Slots:
     """A speculative job: `queue` (`[N, T]`, `T` a multiple of `chunk`) through `slots` slots; `schedule`: the
@@ -277,7 +278,7 @@ def spec_job(target_graph, target_params, proposer_graph, proposer_params, queue
     return run(kind, queue, num_prompts, slots=slots, chunk=chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("target_graph", "capacity", "out_len", "chunk", "slots"))
+@functools.partial(compiling.jit, static_argnames=("target_graph", "capacity", "out_len", "chunk", "slots"))
 def ar_job(target_graph, target_params, queue: Requests, num_prompts, *, capacity, out_len, chunk, slots) -> Slots:
     """A plain autoregressive job through `slots` slots."""
     kind = autoregressive(nnx.merge(target_graph, target_params), capacity, out_len)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import compiling
 from dspark_jax.config import SamplingParams
 from dspark_jax.engine import sampling
 from dspark_jax.engine.verify import is_stop
@@ -146,7 +147,7 @@ def step(model, state: DecodeState) -> DecodeState:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len", "chunk", "unroll_layers"))
+@functools.partial(compiling.jit, static_argnames=("graphdef", "capacity", "out_len", "chunk", "unroll_layers"))
 def generate_loop(graphdef, params, req: Requests, *, capacity: int, out_len: int, chunk: int, unroll_layers: bool = False):
     """Prefill and decode every row to completion inside one compiled `while_loop`.
 
@@ -158,11 +159,11 @@ def generate_loop(graphdef, params, req: Requests, *, capacity: int, out_len: in
     return state.out, state.count
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capacity", "out_len", "chunk"))
+@functools.partial(compiling.jit, static_argnames=("graphdef", "capacity", "out_len", "chunk"))
 def start_jit(graphdef, params, req: Requests, *, capacity: int, out_len: int, chunk: int) -> DecodeState:
     return start(nnx.merge(graphdef, params), req, capacity, out_len, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+@functools.partial(compiling.jit, static_argnames=("graphdef",), donate_argnames=("state",))
 def step_jit(graphdef, params, state: DecodeState) -> DecodeState:
     return step(nnx.merge(graphdef, params), state)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dspark_jax import compiling
 from dspark_jax.errors import ConfigError
 
 CALIBRATION_FILE = "calibration.json"
@@ -445,7 +446,7 @@ def monotone(costs) -> np.ndarray:
     return np.maximum.accumulate(np.asarray(costs, np.float64)).astype(np.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("target_graph", "proposer_graph", "T", "K", "what"))
+@functools.partial(compiling.jit, static_argnames=("target_graph", "proposer_graph", "T", "K", "what"))
 def _probe(target_graph, target_params, proposer_graph, proposer_params, target_cache, proposer_state, lengths, *, T, K, what):
     from flax import nnx
 

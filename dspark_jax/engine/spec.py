@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dspark_jax import compiling
 from dspark_jax.engine import decode, sampling
 from dspark_jax.engine import schedule as sched
 from dspark_jax.engine.decode import Requests
@@ -260,7 +261,7 @@ def _merge(target_graph, target_params, proposer_graph, proposer_params):
 STATIC = ("target_graph", "proposer_graph", "K", "capacity", "out_len", "chunk")
 
 
-@functools.partial(jax.jit, static_argnames=STATIC + ("unroll_layers",))
+@functools.partial(compiling.jit, static_argnames=STATIC + ("unroll_layers",))
 def generate_loop(target_graph, target_params, proposer_graph, proposer_params, req: Requests, *, K, capacity, out_len,
                   chunk, unroll_layers: bool = False, schedule: ScheduleParams | None = None):
     """Prefill and run speculative rounds for every row to completion inside one compiled `while_loop`.
@@ -274,13 +275,13 @@ def generate_loop(target_graph, target_params, proposer_graph, proposer_params, 
                                    state)
 
 
-@functools.partial(jax.jit, static_argnames=STATIC)
+@functools.partial(compiling.jit, static_argnames=STATIC)
 def start_jit(target_graph, target_params, proposer_graph, proposer_params, req: Requests, *, K, capacity, out_len, chunk):
     target, proposer = _merge(target_graph, target_params, proposer_graph, proposer_params)
     return start(target, proposer, req, K, capacity, out_len, chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("target_graph", "proposer_graph", "K", "capacity"), donate_argnames=("state",))
+@functools.partial(compiling.jit, static_argnames=("target_graph", "proposer_graph", "K", "capacity"), donate_argnames=("state",))
 def spec_step(target_graph, target_params, proposer_graph, proposer_params, state: SpecState, *, K, capacity,
               schedule: ScheduleParams | None = None):
     """The compiled speculative step: one round for every row of `state`."""

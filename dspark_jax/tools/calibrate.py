@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dspark_jax import compiling
 from dspark_jax.engine import schedule as sched
 from dspark_jax.engine import spec
 
@@ -154,7 +155,7 @@ def per_position(pred: np.ndarray, y: np.ndarray, mask: np.ndarray) -> dict[str,
 # ------------------------------------------------------------------------------------------- collection
 
 
-@functools.partial(jax.jit, static_argnames=("target_graph", "proposer_graph", "K", "capacity"), donate_argnames=("state",))
+@functools.partial(compiling.jit, static_argnames=("target_graph", "proposer_graph", "K", "capacity"), donate_argnames=("state",))
 def _round(target_graph, target_params, proposer_graph, proposer_params, state, *, K, capacity):
     """One fixed round, returning also its confidence logits, accepted drafts and stop flags per row."""
     target, proposer = nnx.merge(target_graph, target_params), nnx.merge(proposer_graph, proposer_params)

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from dspark_jax import compiling
 from dspark_jax.handles import Target
 from dspark_jax.layers.attention import full_extent
 from dspark_jax.models.qwen3 import Qwen3Config
@@ -67,14 +68,14 @@ def lm_loss(model, windows: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
+@functools.partial(compiling.jit, static_argnames=("graphdef", "tx"), donate_argnames=("params", "opt_state"))
 def _train_step(graphdef, params, opt_state, windows, tx):
     loss, grads = jax.value_and_grad(lambda p: lm_loss(nnx.merge(graphdef, p), windows))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(compiling.jit, static_argnames=("graphdef",))
 def _eval_loss(graphdef, params, windows):
     return lm_loss(nnx.merge(graphdef, params), windows)
 

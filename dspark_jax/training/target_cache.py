@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from dspark_jax import compiling
 from dspark_jax.errors import CheckpointError, ConfigError
 
 VERSION = 2
@@ -224,7 +225,7 @@ class TargetCache:
             )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "capture"))
+@functools.partial(compiling.jit, static_argnames=("graphdef", "capture"))
 def _target_features(graphdef, params, tokens, *, capture):
     """Features `[B, T, n_t * D]` at HF hidden-state indices `capture` and final-normed hidden `[B, T, D]`."""
     model = nnx.merge(graphdef, params)

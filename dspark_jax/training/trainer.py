@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from dspark_jax import compiling
 from dspark_jax.errors import ConfigError
 from dspark_jax.handles import Draft, Target
 from dspark_jax.layers.params import Init
@@ -104,7 +105,7 @@ def _merge(graphdef, frozen, trainable, dtype):
 STATIC = ("graphdef", "tx", "num_anchors", "weights", "chunk_blocks", "dtype", "remat")
 
 
-@functools.partial(jax.jit, static_argnames=STATIC, donate_argnames=("trainable", "opt_state"))
+@functools.partial(compiling.jit, static_argnames=STATIC, donate_argnames=("trainable", "opt_state"))
 def train_step(graphdef, frozen, trainable, opt_state, batch, key, *, tx, num_anchors, weights, chunk_blocks, dtype,
                remat=False):
     """One micro-step: gradient with respect to the trainable parameters only, then the optimizer update."""
@@ -119,7 +120,7 @@ def train_step(graphdef, frozen, trainable, opt_state, batch, key, *, tx, num_an
     return optax.apply_updates(trainable, updates), opt_state, loss, parts, stats, optax.tree.norm(grads)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_anchors", "weights", "chunk_blocks", "dtype"))
+@functools.partial(compiling.jit, static_argnames=("graphdef", "num_anchors", "weights", "chunk_blocks", "dtype"))
 def eval_step(graphdef, frozen, trainable, batch, key, *, num_anchors, weights, chunk_blocks, dtype):
     draft = _merge(graphdef, frozen, trainable, dtype)
     loss, (parts, stats) = draft_objective(draft, batch, key, num_anchors=num_anchors, weights=weights, chunk_blocks=chunk_blocks)
