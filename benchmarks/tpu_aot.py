@@ -11,14 +11,16 @@ results are appended to the JSON as each row finishes (re-running skips rows alr
     python benchmarks/tpu_aot.py --label after --out benchmarks/results/tpu_aot   # writes tpu_aot.json / .md
 
 Models: qwen3-4b, qwen3-8b, qwen3-14b (each with a DSpark draft of the released shape: 5 target-shaped layers,
-Markov rank 256, confidence head, block 7), deepseek-v3 (671B + its MTP module, K = 1), deepseek-v4-flash (+ its
-MTP module, K = 1). Topologies: v5e:1x1, v5e:2x2, v6e:1x1, v6e:2x4, v5p:2x2x1, v5p:4x4x4 (any `aot.topology` name).
+Markov rank 256, confidence head, block 7), gemma4-12b (Gemma-4-12B, `gemma4_unified`, with its released DSpark
+draft, K = 7; `gemma4_12b` and `gemma4_draft` in this file say where each number comes from), deepseek-v3 (671B +
+its MTP module, K = 1), deepseek-v4-flash (+ its MTP module, K = 1). Topologies: v5e:1x1, v5e:2x2, v6e:1x1, v6e:2x4, v5p:2x2x1, v5p:4x4x4 (any `aot.topology` name).
 The mesh is data=1, model=<devices> unless --mesh is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -31,7 +33,9 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from dspark_jax import aot  # noqa: E402
+from dspark_jax.models.gemma4 import FULL, SLIDING, Gemma4Config  # noqa: E402
 from dspark_jax.models.qwen3 import Qwen3Config  # noqa: E402
+from dspark_jax.proposers.dspark import DraftConfig  # noqa: E402
 from dspark_jax.testing import synthetic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,6 +53,39 @@ def dspark_draft(target: Qwen3Config):
     return synthetic.draft_config_for(target, num_layers=5, block_size=7, markov_rank=256, confidence=True)
 
 
+def gemma4_12b() -> Gemma4Config:
+    """Gemma-4-12B's text decoder (`gemma4_unified`), from the design notes (docs of the shared design folder:
+    dspark_reference.md "Real Gemma-4-12B text config", target_families.md §1.2): 48 layers in the pattern
+    5 sliding : 1 full (8 times, so the last is full), hidden 3840, GeGLU MLP 15360, 16 query heads; sliding
+    layers: head dim 256, 8 KV heads, window 1024, RoPE theta 1e4; full layers: head dim 512, 1 KV head
+    (`num_global_key_value_heads`) with K = V (no value projection), proportional RoPE (theta 1e6, factor 0.25);
+    final logits soft-capped at 30, RMSNorm eps 1e-6, vocabulary 262144, tied embeddings; no per-layer inputs,
+    no KV sharing, no MoE (the 12B is the simple decoder). Not in those notes: max_position_embeddings, set to
+    262144, the library's default for `gemma4_unified` (`models/gemma4/config.parse`); it sizes no array here
+    (the cache capacity is the row's `cache`) and no RoPE scaling depends on it."""
+    return Gemma4Config(model_type="gemma4_unified", vocab_size=262144, hidden_size=3840, intermediate_size=15360,
+                        num_layers=48, num_heads=16, layer_types=((SLIDING,) * 5 + (FULL,)) * 8, sliding_window=1024,
+                        head_dim=256, num_kv_heads=8, global_head_dim=512, num_global_kv_heads=1,
+                        attention_k_eq_v=True, final_logit_softcapping=30.0, rms_norm_eps=1e-6,
+                        tie_word_embeddings=True, max_position_embeddings=262144)
+
+
+def gemma4_draft(target: Gemma4Config) -> DraftConfig:
+    """The released DSpark draft for Gemma-4-12B (`dspark_gemma4_12b_block7`; its weight shapes in the design
+    folder's real_shapes.json): 5 layers, each with the target's *global* geometry in every layer as DeepSpec's
+    `Gemma4DSparkModel` builds it (q_proj [8192, 3840] = 16 heads x 512, k_proj [512, 3840] = 1 KV head x 512, no
+    v_proj: K = V), full attention only, MLP 15360, its own LM head [262144, 3840]; fc [3840, 19200] reads 5 target
+    layers, [5, 17, 29, 41, 46]; Markov rank 256 (vanilla: markov_w1 / w2 only); confidence head over hidden + rank
+    ([1, 4096]); mask token 4, block 7 (dspark_reference.md). The backbone is the target's config with the
+    fields `config.parse_draft_backbone` sets for such a draft (as tests/test_gemma4_spec.py builds one)."""
+    backbone = dataclasses.replace(target, model_type="gemma4", num_layers=5, layer_types=(FULL,) * 5,
+                                   sliding_window=512, head_dim=target.global_head_dim,
+                                   num_kv_heads=target.num_global_kv_heads, tie_word_embeddings=False)
+    return DraftConfig(backbone=backbone, block_size=7, target_layer_ids=(5, 17, 29, 41, 46),
+                       num_target_layers=target.num_layers, mask_token_id=4, markov_rank=256,
+                       markov_head_type="vanilla", enable_confidence_head=True, confidence_head_with_markov=True)
+
+
 def _bench_module(name: str):
     spec = importlib.util.spec_from_file_location(f"_{name}_bench", Path(__file__).parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -63,6 +100,9 @@ def models() -> dict:
                        "qwen3-14b": (5120, 40, 40, 17408, False)}.items():
         cfg = qwen3(*args)
         out[name] = (lambda cfg=cfg: cfg, lambda cfg=cfg: dspark_draft(cfg), 7)
+
+    gemma = gemma4_12b()
+    out["gemma4-12b"] = (lambda: gemma, lambda: gemma4_draft(gemma), 7)
 
     def v3():
         return _bench_module("deepseek").V3_671B
@@ -141,7 +181,7 @@ def render(data: dict) -> str:
         "bodies times trip counts). `roofline`: weights + KV "
         "to half the capacity over HBM bandwidth; `XLA est.`: XLA:TPU's per-instruction cycle estimates summed over the "
         "program as it executes (cheapest-costliest conditional branches), and the part in whole-cache copies; "
-        "`roof/est`: roofline over the costliest estimate. bf16, K = 7 for Qwen3 + DSpark, 1 for DeepSeek + MTP.",
+        "`roof/est`: roofline over the costliest estimate. bf16, K = 7 for Qwen3 / Gemma 4 + DSpark, 1 for DeepSeek + MTP.",
         "",
         f"Machine: {m.get('platform')}, {m.get('cpus')} CPUs (shared), python {m.get('python')}; jax {m.get('jax')}, "
         f"jaxlib {m.get('jaxlib')}, libtpu {m.get('libtpu')}.",
