@@ -136,6 +136,30 @@ def row_key(r: dict) -> tuple:
             r["capacity"])
 
 
+def _memory_space(i) -> int:
+    """The memory space of an instruction's result (its first element for a tuple, as `copy-start`'s destination):
+    `S(n)` in its layout, 0 (HBM) without one. XLA:TPU's memory-space assignment prefetches into S(1), on-chip memory."""
+    m = re.match(r"\(?\w+\[[\d,]*\]\{([^}]*)\}", i.type_text)
+    s = re.search(r"S\((\d+)\)", m.group(1)) if m else None
+    return int(s.group(1)) if s else 0
+
+
+def hlo_facts(p) -> dict:
+    """What `aot.report` reads but does not keep: loops counted once by the estimator (no readable trip count, e.g.
+    attention's key-block loop, whose trips follow the rows' used extent), instructions without an estimate, and
+    which of the whole-cache-sized copies only move an array into on-chip memory (`copy-start` into S(1), a prefetch
+    by memory-space assignment; such a copy may be of a weight as large as a cache array, not of a cache)."""
+    if p.compiled is None:
+        return {}
+    text = p.hlo
+    c = aot.estimate_cycles(text)
+    copies = aot.whole_cache_copies(text, p.cache_copy_bytes) if p.cache_copy_bytes else []
+    prefetch = [i for i in copies if _memory_space(i) != 0]
+    return {"unknown_loops": c.unknown_loops, "instructions_without_estimate": c.instructions_without_estimate,
+            "prefetch_copies": len(prefetch),
+            "prefetch_shapes": sorted({i.type_text.split("{")[0].strip("(") for i in prefetch})}
+
+
 def run_one(model: str, topo: str, mesh, program: str, batch: int, cache: int, label: str, dtype: str) -> dict:
     target, draft, K = models()[model]
     t0 = time.perf_counter()
@@ -156,7 +180,7 @@ def run_one(model: str, topo: str, mesh, program: str, batch: int, cache: int, l
                   "xla_estimate_ms": None if r.xla_estimate_s is None else [1e3 * x for x in r.xla_estimate_s],
                   "copy_estimate_ms": None if r.copy_estimate_s is None else [1e3 * x for x in r.copy_estimate_s],
                   "lower_s": p.lower_s, "compile_s": p.compile_s, "wall_s": time.perf_counter() - t0,
-                  "notes": list(r.notes), "load_average_after": list(os.getloadavg())}
+                  "notes": list(r.notes), **hlo_facts(p), "load_average_after": list(os.getloadavg())}
     return out
 
 
@@ -181,7 +205,13 @@ def render(data: dict) -> str:
         "bodies times trip counts). `roofline`: weights + KV "
         "to half the capacity over HBM bandwidth; `XLA est.`: XLA:TPU's per-instruction cycle estimates summed over the "
         "program as it executes (cheapest-costliest conditional branches), and the part in whole-cache copies; "
-        "`roof/est`: roofline over the costliest estimate. bf16, K = 7 for Qwen3 / Gemma 4 + DSpark, 1 for DeepSeek + MTP.",
+        "`roof/est`: roofline over the costliest estimate. bf16, K = 7 for Qwen3 / Gemma 4 + DSpark, 1 for DeepSeek "
+        "+ MTP. "
+        "Rows that record them (fields `prefetch_copies`, `unknown_loops` in the JSON) also show: in `copies`, how many "
+        "of them are prefetches into on-chip memory (`copy-start` into memory space S(1), of a cache or of a weight as "
+        "large as one) rather than copies within HBM; in `roof/est`, a `*` where the estimate counts loops without a "
+        "readable trip count once (`unknown_loops` of them; attention's key-block loop is one, so the estimate holds "
+        "one key block's cache reads per layer whatever the used extent, and the ratio overstates long-cache rows).",
         "",
         f"Machine: {m.get('platform')}, {m.get('cpus')} CPUs (shared), python {m.get('python')}; jax {m.get('jax')}, "
         f"jaxlib {m.get('jaxlib')}, libtpu {m.get('libtpu')}.",
@@ -207,8 +237,12 @@ def render(data: dict) -> str:
             memcols = f" out of HBM: {' > '.join(need) if need else mem.get('oom', '')[:80]} | | | |"
         est = r["xla_estimate_ms"]
         cp = r["copy_estimate_ms"]
-        copies_run = f" ({r['copy_executions']} run)" if r.get("copy_executions") else ""
+        copies_run = [f"{r['copy_executions']} run"] if r.get("copy_executions") else []
+        copies_run += [f"{r['prefetch_copies']} prefetch"] if r.get("prefetch_copies") else []
+        copies_run = f" ({'; '.join(copies_run)})" if copies_run else ""
         ratio = "-" if est is None else f"{r['roofline_ms'] / est[1]:.0%}"
+        if est is not None and r.get("unknown_loops"):
+            ratio += "*"
         lines.append(
             f"{head} {'yes' if r['fits'] else 'no'} |{memcols} {gib(r['param_bytes'])} | {gib(r['cache_bytes'])} | "
             f"{r['whole_cache_copies'] if r['fits'] else '-'}{copies_run} | {r['roofline_ms']:.2f} | "
@@ -218,6 +252,11 @@ def render(data: dict) -> str:
     if shapes:
         lines += ["", "Shapes of the whole-cache copies (per device):", ""]
         lines += [f"* {m_} {p}: `{s}`" for m_, p, s in shapes]
+    pre = sorted({(r["model"], r["program"], s) for r in data["rows"] if r.get("prefetch_shapes")
+                  for s in r["prefetch_shapes"]})
+    if pre:
+        lines += ["", "Of those, prefetches into on-chip memory (per device):", ""]
+        lines += [f"* {m_} {p}: `{s}`" for m_, p, s in pre]
     return "\n".join(lines) + "\n"
 
 
