@@ -781,7 +781,8 @@ class CycleEstimate:
     """`estimated_cycles` summed over the program as it executes (docs/tpu.md §3).
 
     `low` takes each conditional's cheapest branch, `high` its costliest; a while loop with a known trip count
-    counts its body that many times, one without counts it once (`unknown_loops`). `copy_cycles`: the part spent in
+    counts its body that many times; attention's key-block loop, given `used_extent`, the trips that extent takes
+    (`key_block_trips`); any other loop without a known count counts once (`unknown_loops`). `copy_cycles`: the part spent in
     copies of at least the copy threshold (whole-cache copies). With `bytes_per_cycle`, a copy XLA gives no estimate
     is charged its bytes read and written at that rate."""
 
@@ -794,7 +795,22 @@ class CycleEstimate:
     copy_executions: int = 0  # whole-cache copies executed per run (high estimate; loop bodies x trip counts)
 
 
-def estimate_cycles(compiled_or_text, copy_min_bytes: int = 0, bytes_per_cycle: float | None = None) -> CycleEstimate:
+_KEY_BLOCKS_RE = re.compile(r"key_blocks_S(\d+)_C(\d+)")
+
+
+def key_block_trips(loop: Instruction, used_extent: int | None) -> int | None:
+    """Trips of attention's streamed key-block loop (`layers.attention`, named `key_blocks_S{size}_C{block}`) when
+    the rows use `used_extent` positions: `ceil(min(used_extent, size) / block)`; None for any other loop or
+    without an extent."""
+    m = _KEY_BLOCKS_RE.search(loop.rest)
+    if m is None or used_extent is None:
+        return None
+    size, block = int(m.group(1)), int(m.group(2))
+    return max(1, -(-min(int(used_extent), size) // block))
+
+
+def estimate_cycles(compiled_or_text, copy_min_bytes: int = 0, bytes_per_cycle: float | None = None,
+                    used_extent: int | None = None) -> CycleEstimate:
     comps, entry = parse_hlo(_hlo_text(compiled_or_text))
     memo: dict[str, np.ndarray] = {}
     stats = {"unknown": 0, "missing": 0}
@@ -839,6 +855,8 @@ def estimate_cycles(compiled_or_text, copy_min_bytes: int = 0, bytes_per_cycle: 
                 total += (0, 0, c, c, i.opcode != "copy-done")
             if i.opcode == "while":
                 trips = trip_count(comps, i)
+                if trips is None:
+                    trips = key_block_trips(i, used_extent)
                 if trips is None:
                     stats["unknown"] += 1
                     trips = 1
@@ -944,7 +962,7 @@ def report(program: AOTProgram | None = None, *args, used_extent: int | None = N
         if p.cache_copy_bytes:
             copies = whole_cache_copies(text, p.cache_copy_bytes)
         hz = p.topology.chip.clock_hz
-        c = estimate_cycles(text, p.cache_copy_bytes, p.topology.device_bandwidth / hz)
+        c = estimate_cycles(text, p.cache_copy_bytes, p.topology.device_bandwidth / hz, used_extent=extent)
         est, cp = (c.low / hz, c.high / hz), (c.copy_cycles_low / hz, c.copy_cycles_high / hz)
         executions = c.copy_executions
     hbm = p.topology.device_hbm_bytes

@@ -227,6 +227,15 @@ def test_cycle_estimate_multiplies_loop_bodies_by_trip_counts():
     assert sixteen.low / eight.low == pytest.approx(2.0, rel=0.15)
 
 
+def test_cycle_estimate_counts_key_blocks_to_the_used_extent():
+    """Attention streams a long cache in key blocks up to the rows' used extent, a loop whose trip count is data:
+    the estimate counts it for the extent asked (`key_block_trips`), not once."""
+    p = compiled("ar_step")
+    blind, short, full = (aot.estimate_cycles(p, used_extent=u) for u in (None, 256, CAPACITY))
+    assert blind.unknown_loops > short.unknown_loops == full.unknown_loops  # the key-block loops are read
+    assert full.high > short.high >= blind.high * 0.999  # 4 blocks of 256 against 1 per layer
+
+
 def test_plan_cli(tmp_path, capsys):
     from dspark_jax.tools import cli
 

@@ -137,6 +137,9 @@ def _stream(rows, q, short, long, used, own, scale):
             acc = acc * rescale[..., None] + _values(p, take(v, rows, C, axis=SEQ, start=start), cached=True)
             return m_new, l * rescale + jnp.sum(p, axis=-1), acc
 
-        m, l, acc = jax.lax.fori_loop(0, trips, fold, (m, l, acc))
+        # the scope names the part's size and block: `aot.estimate_cycles` reads the loop's trip count for a given
+        # used extent from it (docs/tpu.md §3)
+        with jax.named_scope(f"key_blocks_S{S}_C{C}"):
+            m, l, acc = jax.lax.fori_loop(0, trips, fold, (m, l, acc))
     out = acc / l[..., None]  # [b, G, n, T, H']
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, T, N, out.shape[-1]).astype(q.dtype)
