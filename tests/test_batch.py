@@ -87,6 +87,22 @@ def run_batch(cmd, env, expect_rc=0):
     return proc
 
 
+def kill_after_lines(cmd, env, out: Path, lines: int = 2, timeout: float = 240) -> None:
+    """Start the batch job `cmd` and SIGKILL it once `out` holds `lines` complete answers; fails if the job
+    finished first."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= lines:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed; give it more prompts"
+
+
 def answers_by_id(path: Path) -> dict:
     data = path.read_bytes()
     assert data.endswith(b"\n"), "the output must end with a complete line"
@@ -131,18 +147,7 @@ def test_same_answers_whatever_the_batch_size(pair, env, prompts_file, reference
 def test_killed_job_resumes_to_the_uninterrupted_answers(pair, env, prompts_file, reference, tmp_path):
     out = tmp_path / "answers.jsonl"
     cmd = batch_command(pair, prompts_file, out, "--batch-size", "1")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 2:
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.005)
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed; give it more prompts"
+    kill_after_lines(cmd, env, out)
     written = out.read_bytes()
     complete = written[: written.rfind(b"\n") + 1]
     done_before = len(complete.splitlines())

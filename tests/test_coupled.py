@@ -227,11 +227,9 @@ def batch_job(tmp_path_factory):
     """`dspark-jax batch` on the tiny pair of `test_batch.py`: -> (run(output, *flags, draft=True), kill(output,
     *flags)) running the real command in a subprocess; the scheduler's cost model is the machine-independent one."""
     import os
-    import signal
     import subprocess
-    import time
 
-    from test_batch import PROMPTS, batch_command
+    from test_batch import PROMPTS, batch_command, kill_after_lines
     from tiny_checkpoint import session_pair
 
     pair = session_pair(tmp_path_factory)
@@ -250,18 +248,7 @@ def batch_job(tmp_path_factory):
 
     def kill(out, *flags):
         """Start the job and SIGKILL it once two answers are written. -> answers written."""
-        proc = subprocess.Popen(batch_command(pair, prompts_file, out, *flags), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 240
-        try:
-            while time.monotonic() < deadline and proc.poll() is None:
-                if out.exists() and out.read_bytes().count(b"\n") >= 2:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-                time.sleep(0.005)
-        finally:
-            proc.wait(timeout=60)
-        assert proc.returncode == -signal.SIGKILL, "the job finished before it could be killed"
+        kill_after_lines(batch_command(pair, prompts_file, out, *flags), env, out)
         return out.read_bytes().count(b"\n")
 
     return run, kill
