@@ -70,7 +70,7 @@ PROMPTS = [[3, 9, 27, 3, 9, 27, 3, 9], _chain(5, 12) + [5], [101], _chain(40, 20
 NEW = 28
 
 
-@pytest.mark.parametrize("K", [1, pytest.param(3, marks=pytest.mark.slow), 7])  # K=3 runs with -m slow
+@pytest.mark.parametrize("K", [pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow), 7])  # K=1, 3 with -m slow
 @pytest.mark.parametrize("kind", ["random", "bigram"])
 def test_greedy_prompt_lookup_equals_plain_greedy(targets, kind, K):
     target = targets[kind]
