@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dspark_jax.layers import kv_cache
-from dspark_jax.layers.attention import EXTENT_BLOCK, MAX_BLOCKS, attention, block_size, full_extent
+from dspark_jax.layers.attention import EXTENT_BLOCK, MAX_BLOCKS, MAX_BLOCKS_OFF_CPU, attention, block_size, full_extent
 
 B, T, N, G, H = 2, 3, 4, 2, 8
 
@@ -57,6 +57,7 @@ def test_block_size():
     assert block_size(EXTENT_BLOCK + 1) == EXTENT_BLOCK
     assert block_size(MAX_BLOCKS * EXTENT_BLOCK) == EXTENT_BLOCK
     assert block_size(MAX_BLOCKS * EXTENT_BLOCK + 1) == 2 * EXTENT_BLOCK
+    assert block_size(4096, MAX_BLOCKS_OFF_CPU) == 4096 // MAX_BLOCKS_OFF_CPU  # TPU: fewer, larger blocks
     assert block_size(32768) * MAX_BLOCKS >= 32768
 
 
@@ -67,6 +68,19 @@ def test_linear_cache_any_extent(lengths):
     got = jax.jit(lambda q, c, o: attention(q, [c], o, H**-0.5))(q, cache_layout(cached), own)
     want = reference(q, [cached, own])
     np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("lengths", [(0, 0), (700, 40), (2100, 2990), (2999, 2999)])
+def test_off_cpu_blocks_any_extent(lengths, monkeypatch):
+    """The block policy programs compiled for TPU get (at most MAX_BLOCKS_OFF_CPU blocks: here 3 blocks of 1024 over
+    3000 keys, the last one overlapping the one before), run on CPU: exact at every extent."""
+    import dspark_jax.layers.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "MAX_BLOCKS", MAX_BLOCKS_OFF_CPU)
+    assert block_size(3000) == 1024
+    q, cached, own = random_parts(3000, lengths, seed=5)
+    got = jax.jit(lambda q, c, o: attention(q, [c], o, H**-0.5))(q, cache_layout(cached), own)
+    np.testing.assert_allclose(np.asarray(got), reference(q, [cached, own]), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("lengths", [(100, 20), (600, 900), (5000, 30)])

@@ -28,7 +28,10 @@ from dspark_jax.layers.kv_cache import SEQ, read, take
 
 MASKED = -1e30
 EXTENT_BLOCK = 256  # parts longer than this are streamed to their used extent, in blocks of at least this size
-MAX_BLOCKS = 16  # ... and of at most this many blocks (longer parts take larger blocks: fewer loop trips)
+MAX_BLOCKS = 16  # ... and of at most this many blocks on XLA:CPU (longer parts take larger blocks: fewer loop trips)
+# ... and this many elsewhere: a loop trip costs XLA:TPU microseconds whatever it reads, so fewer, larger blocks win
+# there (the Qwen3-8B AR step at 4096 positions: 43% -> 53% of roofline at batch 8, docs/tpu.md §6)
+MAX_BLOCKS_OFF_CPU = 4
 
 Part = tuple  # (k, v, mask [B, T, S]): cached k [B, G, S, H] and v [B, G, S, H'] (cache layout, arrays or
 # `kv_cache.Stacked` layers); the block's own k [B, T, G, H] and v [B, T, G, H'] (token-major, as projected)
@@ -51,10 +54,13 @@ def full_extent():
         _FULL_EXTENT.reset(token)
 
 
-def block_size(S: int) -> int:
-    """Key block streamed per loop trip for a part of `S` keys: `EXTENT_BLOCK * 2**i`, at most `MAX_BLOCKS` trips."""
+def block_size(S: int, max_blocks: int | None = None) -> int:
+    """Key block streamed per loop trip for a part of `S` keys: `EXTENT_BLOCK * 2**i`, at most `max_blocks` trips
+    (default: `MAX_BLOCKS` on XLA:CPU, `MAX_BLOCKS_OFF_CPU` for the platform being compiled for otherwise)."""
+    if max_blocks is None:
+        max_blocks = MAX_BLOCKS if sharding.platform() == "cpu" else MAX_BLOCKS_OFF_CPU
     size = EXTENT_BLOCK
-    while size * MAX_BLOCKS < S:
+    while size * max_blocks < S:
         size *= 2
     return size
 
