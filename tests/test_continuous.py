@@ -85,12 +85,11 @@ def test_sampled_answers_do_not_depend_on_slots(builtin):
     prompts = _prompts(target.config.vocab_size)
     # fixed rounds: a sampled answer's realisation follows its round structure, which the "auto" scheduler
     # decides for the batch as a whole (the distribution is exact either way, tests/test_spec_sampling.py)
-    budgets = [min(b, 16) for b in BUDGETS]  # refills still happen: 10 prompts through 2 or 8 slots
+    budgets = [min(b, 16) for b in BUDGETS]  # refills still happen: 10 prompts through 2 slots
     run = lambda seed=7, **kw: dj.generate(target, draft, prompts, max_new_tokens=budgets, temperature=1.0, top_p=0.9,
                                            seed=seed, stop_token_ids=[], schedule="fixed", **kw).tokens
     alone = run()
     assert run(batch_size=2) == alone
-    assert run(batch_size=8) == alone
     assert run(seed=8, batch_size=2) != alone  # the seed matters, so the equalities above could have failed
 
 
