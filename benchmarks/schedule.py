@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DRAFTS = ("dspark", "dflash", "eagle3")
 
@@ -115,6 +117,9 @@ def measure(target, drafts, batch_sizes, repetitions, new_tokens, K, label, min_
             }
             log(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}))
             rows.append(row)
+        # this batch size's programs are done with: one process holding every arm's programs for every batch size
+        # and both targets ran XLA:CPU out of code memory ("LLVM ERROR: Unable to allocate section memory")
+        jax.clear_caches()
     return rows
 
 
