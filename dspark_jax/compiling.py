@@ -11,7 +11,8 @@ its backend does not know, so a program's variant is picked by the platform it i
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

@@ -30,7 +30,6 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
