@@ -45,7 +45,8 @@ class Program:
     def variant(self, platform: str):
         if platform not in self._variants:
             opts = options(platform)
-            self._variants[platform] = jax.jit(self._fun, **self._jit_kwargs, **({"compiler_options": opts} if opts else {}))
+            extra = {"compiler_options": opts} if opts else {}
+            self._variants[platform] = jax.jit(self._fun, **self._jit_kwargs, **extra)
         return self._variants[platform]
 
     def __call__(self, *args, **kwargs):
@@ -56,15 +57,8 @@ class Program:
     def lower(self, *args, **kwargs):
         return self.variant(sharding.platform()).lower(*args, **kwargs)
 
-    def eval_shape(self, *args, **kwargs):
-        return self.variant(jax.default_backend()).eval_shape(*args, **kwargs)
-
     def _cache_size(self) -> int:
         return sum(v._cache_size() for v in self._variants.values())
-
-    def clear_cache(self) -> None:
-        for v in self._variants.values():
-            v.clear_cache()
 
 
 def jit(fun: Callable | None = None, **jit_kwargs):

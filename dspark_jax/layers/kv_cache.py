@@ -2,11 +2,11 @@
 
 A layer's cache is heads-major, `[B, G, S, H]` (positions next to the head dim, so a TPU tiles each head's
 cache as `(S, H)`: attention reads it as it lies and writes land in place, docs/caches.md §10); blocks written
-into it are token-major `[B, T, G, H]`, as projections make them. Slot `s` holds the latest position `p < lengths` with `p = s (mod S)`,
-so one formula serves linear caches (`S` >= every length: slot s holds position s) and ring buffers for
-sliding-window layers (`S` >= window + K). "Write ahead, commit by length" (docs/caches.md): a block is
-written at each row's `lengths`; only `lengths` decides what is committed, so rejected slots are simply
-overwritten later.
+into it are token-major `[B, T, G, H]`, as projections make them. Slot `s` holds the latest position
+`p < lengths` with `p = s (mod S)`, so one formula serves linear caches (`S` >= every length: slot s holds
+position s) and ring buffers for sliding-window layers (`S` >= window + K). "Write ahead, commit by length"
+(docs/caches.md): a block is written at each row's `lengths`; only `lengths` decides what is committed, so
+rejected slots are simply overwritten later.
 
 A model's cache mirrors its layer stacks (`layers.stack.Group`): one `LayerKV` per pattern position of each
 group, its arrays stacked `[n, B, G, S, H]` over the group's repetitions. The scan over layers carries the
